@@ -1,0 +1,137 @@
+"""Merge Lab's engine: streaming, run_modelmerger-compatible checkpoint merging.
+
+from lib_merge import FolderHost, MergeRequest, merge
+result = merge(MergeRequest("a.safetensors", "b.safetensors", multiplier=0.5), host=FolderHost("models"))
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .engine import MergeResult, Progress, ProgressFn, StopFn
+from .errors import (
+    CancelledError,
+    IncompatibleModelsError,
+    InputError,
+    MergeError,
+    OutputError,
+    RequestError,
+    UnsafePickleError,
+)
+from .host import Checkpoint, FolderHost, Host
+from .io.metadata import copy_config
+from .methods import METHODS, get_method
+from .plan import Plan, make_plan
+from .request import MergeRequest
+
+__all__ = [
+    "METHODS",
+    "CancelledError",
+    "Checkpoint",
+    "FolderHost",
+    "Host",
+    "IncompatibleModelsError",
+    "InputError",
+    "MergeError",
+    "MergeRequest",
+    "MergeResult",
+    "OutputError",
+    "Plan",
+    "Progress",
+    "RequestError",
+    "UnsafePickleError",
+    "get_method",
+    "make_plan",
+    "merge",
+    "preflight",
+    "run_modelmerger",
+]
+
+
+def preflight(request: MergeRequest, host: Host) -> str:
+    """The preflight report for a request, from the headers alone; nothing is written."""
+    plan = make_plan(request, host)
+    try:
+        return plan.report()
+    finally:
+        plan.close()
+
+
+def merge(
+    request: MergeRequest,
+    host: Host,
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> MergeResult:
+    """Preflight, merge, write, register: the one path the tab, the API and the CLI take."""
+    from . import engine
+
+    started = time.perf_counter()
+    plan = make_plan(request, host)
+    try:
+        plan.check()
+        planned = time.perf_counter()
+        device = host.device() if request.device in ("", "auto") else request.device
+        sha256, notes = engine.run(plan, device, progress=progress, should_stop=should_stop)
+        written = time.perf_counter()
+        config = copy_config(plan.config, plan.output) if plan.config else None
+        name = host.register(plan.output, sha256)
+    finally:
+        plan.close()
+    recipe = plan.metadata.get("sd_merge_recipe")
+    timings = {
+        "preflight_s": planned - started,
+        "merge_s": written - planned,
+        "total_s": time.perf_counter() - started,
+    }
+    return MergeResult(plan.output, sha256, json.loads(recipe) if recipe else None, timings, name, config, notes)
+
+
+def run_modelmerger(
+    id_task,
+    primary_model_name,
+    secondary_model_name,
+    tertiary_model_name,
+    interp_method,
+    multiplier,
+    save_as_half,
+    custom_name,
+    checkpoint_format,
+    config_source,
+    bake_in_vae,
+    discard_weights,
+    save_metadata,
+    add_merge_recipe,
+    copy_metadata_fields,
+    metadata_json,
+    *,
+    host: Host,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    overwrite: bool = False,
+    device: str = "auto",
+) -> MergeResult:
+    """The webui's ``run_modelmerger`` with its 16 parameters, streaming; host services injected."""
+    request = MergeRequest.from_webui_args(
+        id_task,
+        primary_model_name,
+        secondary_model_name,
+        tertiary_model_name,
+        interp_method,
+        multiplier,
+        save_as_half,
+        custom_name,
+        checkpoint_format,
+        config_source,
+        bake_in_vae,
+        discard_weights,
+        save_metadata,
+        add_merge_recipe,
+        copy_metadata_fields,
+        metadata_json,
+        overwrite=overwrite,
+        device=device,
+    )
+    return merge(request, host, progress=progress, should_stop=should_stop)

@@ -1,0 +1,7 @@
+"""``python -m lib_merge``: the command line (see lib_merge/cli.py)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

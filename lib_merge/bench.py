@@ -1,0 +1,225 @@
+"""``python -m lib_merge bench``: this engine against the I/O floor and a load-everything merge.
+
+Inputs are synthetic checkpoints with the real keys and shapes of SD1.5 or SDXL (fp16, random
+values), made once in ``--work``. Each contender runs in its own fresh interpreter, one after the
+other per repeat, after one untimed warm-up each (page cache warm, input hashes cached as the
+webui caches them). Reported: median wall time, its ratio to the floor, and the peak anonymous
+memory (RssAnon, sampled; mapped file pages do not count) above an interpreter with torch imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+CONTENDERS = ("floor", "engine", "baseline")
+SAMPLE_SECONDS = 0.002
+
+
+def add_arguments(parser) -> None:
+    from .methods import METHODS
+
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument(
+        "--method",
+        default="weighted-sum",
+        choices=[m.cli_name for m in METHODS.values() if len(m.inputs) > 1],
+    )
+    parser.add_argument("--alpha", type=float, default=0.5)
+    parser.add_argument(
+        "--device", default="auto", help="the engine's device (the baseline is the CPU's, as in the webui)"
+    )
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("bench-work"), help="folder for inputs and outputs")
+    parser.add_argument("--no-fsync", action="store_true", help="skip fsync in all three (warm page cache figures)")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from . import synthetic
+    from .methods import get_method
+
+    method = get_method(args.method)
+    args.work.mkdir(parents=True, exist_ok=True)
+    specs = synthetic.layout(args.arch)
+    inputs = []
+    for role, seed in list(zip("abc", (1, 2, 3), strict=True))[: len(method.inputs)]:
+        path = args.work / f"{args.arch}_{role}.safetensors"
+        if not path.exists():
+            print(f"making {path} ...", flush=True)
+            synthetic.write_checkpoint(path, specs, seed)
+        inputs.append(str(path))
+    job = {
+        "inputs": inputs,
+        "method": method.label,
+        "alpha": args.alpha,
+        "device": args.device,
+        "work": str(args.work),
+        "fsync": not args.no_fsync,
+    }
+    times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    memory: dict[str, list[int]] = {name: [] for name in CONTENDERS}
+    for repeat in range(args.repeats + 1):  # the first round warms caches and is not counted
+        for name in CONTENDERS:
+            result = _spawn(name, job)
+            if repeat:
+                times[name].append(result["seconds"])
+                memory[name].append(result["peak_anon"])
+    _print_table(args, method.label, times, memory)
+    return 0
+
+
+def _print_table(args, method: str, times, memory) -> None:
+    floor = statistics.median(times["floor"])
+    print(
+        f"\n{args.arch} {method} alpha={args.alpha} to fp16, device {args.device}, "
+        f"{args.repeats} repeats, fsync {'off' if args.no_fsync else 'on'}, {os.cpu_count()} CPUs"
+    )
+    print(f"{'contender':<10} {'median s':>9} {'x floor':>8} {'peak anon MB':>13}")
+    for name in CONTENDERS:
+        median = statistics.median(times[name])
+        print(f"{name:<10} {median:9.2f} {median / floor:8.2f} {max(memory[name]) / 2**20:13.0f}")
+
+
+def _spawn(name: str, job: dict) -> dict:
+    code = f"from lib_merge.bench import child; child({name!r}, {json.dumps(job)!r})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"bench {name} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child(name: str, job_json: str) -> None:
+    """Run one contender in this fresh interpreter and print its time and memory as JSON."""
+    import torch  # noqa: F401  (the memory baseline is an interpreter with torch imported)
+
+    job = json.loads(job_json)
+    if not job["fsync"]:
+        os.fsync = lambda fd: None
+    output = Path(job["work"]) / f"bench_{name}.safetensors"
+    output.unlink(missing_ok=True)
+    sampler = _AnonSampler()
+    start = time.perf_counter()
+    {"floor": _floor, "engine": _engine, "baseline": _baseline}[name](job, output)
+    seconds = time.perf_counter() - start
+    peak = sampler.stop()
+    output.unlink(missing_ok=True)
+    print(json.dumps({"seconds": seconds, "peak_anon": peak}))
+
+
+def _floor(job: dict, output: Path) -> None:
+    """Read every input byte, write as many bytes as the engine's output, fsync."""
+    block = bytearray(16 << 20)
+    view = memoryview(block)
+    for path in job["inputs"]:
+        with open(path, "rb", buffering=0) as file:
+            while file.readinto(view):
+                pass
+    size = _engine_output_size(job)
+    with open(output, "wb", buffering=0) as file:
+        while size:
+            size -= file.write(view[: min(len(view), size)])
+        os.fsync(file.fileno())
+
+
+def _engine_output_size(job: dict) -> int:
+    from . import FolderHost, make_plan
+
+    plan = make_plan(
+        _request(job, Path(job["work"]) / "size.safetensors"), FolderHost(job["work"], hash_cache=_cache(job))
+    )
+    try:
+        return plan.output_bytes
+    finally:
+        plan.close()
+
+
+def _engine(job: dict, output: Path) -> None:
+    from . import FolderHost, merge
+
+    merge(_request(job, output), FolderHost(job["work"], device=job["device"], hash_cache=_cache(job)))
+
+
+def _request(job: dict, output: Path):
+    from .request import MergeRequest
+
+    names = [*job["inputs"], "", ""][:3]
+    return MergeRequest(
+        *names,
+        interp_method=job["method"],
+        multiplier=job["alpha"],
+        save_as_half=True,
+        overwrite=True,
+        output_path=str(output),
+        device=job["device"],
+    )
+
+
+def _cache(job: dict) -> Path:
+    return Path(job["work"]) / "hashes.json"
+
+
+def _baseline(job: dict, output: Path) -> None:
+    """The built-in's algorithm (modules/extras.py): load whole, merge in place, save."""
+    import safetensors.torch
+    import torch
+
+    alpha = job["alpha"]
+    theta_1 = safetensors.torch.load_file(job["inputs"][1])
+    if len(job["inputs"]) > 2:
+        theta_2 = safetensors.torch.load_file(job["inputs"][2])
+        for key in theta_1:
+            if "model" in key:
+                theta_1[key] = theta_1[key] - theta_2[key] if key in theta_2 else torch.zeros_like(theta_1[key])
+        del theta_2
+    theta_0 = safetensors.torch.load_file(job["inputs"][0])
+    skip = "cond_stage_model.transformer.text_model.embeddings.position_ids"
+    for key in theta_0:
+        if "model" in key and key in theta_1 and key != skip:
+            a, b = theta_0[key], theta_1[key]
+            merged = a + alpha * b if len(job["inputs"]) > 2 else (1 - alpha) * a + alpha * b
+            theta_0[key] = merged.half() if merged.dtype == torch.float32 else merged
+    del theta_1
+    safetensors.torch.save_file(theta_0, str(output))
+    fd = os.open(output, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+class _AnonSampler:
+    """Peak RssAnon of this process above its value at start, sampled every few milliseconds."""
+
+    def __init__(self):
+        self._base = _rss_anon()
+        self._peak = self._base
+        self._running = True
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while self._running:
+            self._peak = max(self._peak, _rss_anon())
+            time.sleep(SAMPLE_SECONDS)
+
+    def stop(self) -> int:
+        self._running = False
+        self._thread.join()
+        self._peak = max(self._peak, _rss_anon())
+        return self._peak - self._base
+
+
+def _rss_anon() -> int:
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -1,0 +1,206 @@
+"""The merge loop: for each output key, the method on the device, then the writer.
+
+Read, compute and write overlap: the next key's input pages are requested from the kernel while
+this key is computed on the main thread, and a background thread hashes and writes the previous
+ones. Arithmetic is in float64 on the CPU and CUDA (float32 on MPS, which has no float64), and the
+result is rounded once to the output dtype, so every value is within one unit in the last place
+of the exact result, whatever the multiplier. Memory holds a few output tensors and small
+float64 scratch buffers, never a model.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CancelledError
+from .io.writer import CkptWriter, SafetensorsWriter
+from .plan import Job, Plan
+
+CHUNK_ELEMENTS = 1 << 18  # float64 scratch per input: 2 MiB, stays in cache-friendly sizes
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Reported after each key: how far the merge is, and anything worth telling the user."""
+
+    keys_done: int
+    keys_total: int
+    bytes_done: int
+    bytes_total: int
+    key: str
+    note: str = ""
+
+
+@dataclass
+class MergeResult:
+    path: Path
+    sha256: str
+    recipe: dict | None
+    timings: dict[str, float]
+    name: str = ""
+    config: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+ProgressFn = Callable[[Progress], None]
+StopFn = Callable[[], bool]
+
+
+def run(
+    plan: Plan, device: str, *, progress: ProgressFn | None = None, should_stop: StopFn | None = None
+) -> tuple[str, list[str]]:
+    """Write the plan's output; returns its sha256 and notes (e.g. tensors moved to the CPU)."""
+    plan.check()
+    compute = _Compute(plan, torch.device(device))
+    writer = _open_writer(plan)
+    buffers = _BufferPool(max((job.spec.nbytes for job in plan.jobs), default=0))
+    total_bytes = sum(job.spec.nbytes for job in plan.jobs)
+    done_bytes = 0
+    try:
+        for index, job in enumerate(plan.jobs):
+            if should_stop is not None and should_stop():
+                raise CancelledError("cancelled: the merge was stopped and nothing was written")
+            if index + 1 < len(plan.jobs):
+                _prefetch(plan, plan.jobs[index + 1])
+            tensor, release = compute.output(job, buffers)
+            writer.add(job.key, tensor, release)
+            done_bytes += job.spec.nbytes
+            if progress is not None:
+                progress(Progress(index + 1, len(plan.jobs), done_bytes, total_bytes, job.key, compute.pop_note()))
+        return writer.finish(), compute.notes
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _open_writer(plan: Plan):
+    specs = [(job.key, job.spec) for job in plan.jobs]
+    overwrite = plan.request.overwrite
+    if plan.output.suffix.lower() == ".safetensors":
+        return SafetensorsWriter(plan.output, specs, plan.metadata or None, overwrite=overwrite)
+    return CkptWriter(plan.output, specs, overwrite=overwrite)
+
+
+def _prefetch(plan: Plan, job: Job) -> None:
+    """Ask the kernel to start reading the next key's input pages now."""
+    if job.kind == "vae":
+        plan.vae.prefetch(_vae_key(job.key))
+        return
+    for role in job.inputs if job.kind == "merge" else ("A",):
+        if role is not None:
+            plan.reader(role).prefetch(job.key)
+
+
+def _vae_key(key: str) -> str:
+    return key[len("first_stage_model.") :]
+
+
+class _BufferPool:
+    """Reusable output buffers: fresh pages for every tensor would cost more than the arithmetic."""
+
+    def __init__(self, nbytes: int, budget: int = 384 << 20):
+        self._nbytes = nbytes
+        self._free: queue.Queue = queue.Queue()
+        self._made = 0
+        # Enough buffers to ride out a slow write, within a fixed memory budget (3 at least).
+        self._count = max(3, min(8, budget // max(nbytes, 1)))
+
+    def take(self, spec) -> tuple[torch.Tensor, Callable[[], None]]:
+        if self._free.empty() and self._made < self._count:
+            self._free.put(torch.empty(self._nbytes, dtype=torch.uint8))
+            self._made += 1
+        raw = self._free.get()
+        tensor = raw[: spec.nbytes].view(spec.dtype).view(spec.shape)
+        return tensor, lambda: self._free.put(raw)
+
+
+class _Compute:
+    """Computes each output tensor; falls back to the CPU when the device runs out of memory."""
+
+    def __init__(self, plan: Plan, device: torch.device):
+        self.plan = plan
+        self.device = device
+        self.work_dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.params = {name: plan.request.multiplier for name in plan.method.params}
+        self.notes: list[str] = []
+        self._note = ""
+        self._scratch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32, work dtype) per input
+
+    def pop_note(self) -> str:
+        note, self._note = self._note, ""
+        return note
+
+    def output(self, job: Job, buffers: _BufferPool) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        """The tensor to write for ``job``, and what to call once it is written."""
+        source = self._source(job)
+        if job.kind != "merge" and source.dtype == job.spec.dtype:
+            return source, None  # a view of the input's pages: written without a copy
+        out, release = buffers.take(job.spec)
+        if job.kind != "merge":
+            out.copy_(source)  # the built-in's to_half: one rounding
+        else:
+            self._merge(job, out)
+        return out, release
+
+    def _source(self, job: Job) -> torch.Tensor:
+        if job.kind == "vae":
+            return self.plan.vae[_vae_key(job.key)]
+        return self.plan.reader("A")[job.key]
+
+    def _merge(self, job: Job, out: torch.Tensor) -> None:
+        inputs = [self.plan.reader(role)[job.key] if role else None for role in job.inputs]
+        if job.variant:
+            # Inpainting / pix2pix: A's extra input channels are kept, the first 4 merged.
+            out.copy_(inputs[0])
+            inputs[0] = inputs[0][:, : inputs[1].shape[1]]
+            out = out[:, : inputs[1].shape[1]]
+        if self.device.type != "cpu":
+            try:
+                return self._on_device(inputs, out)
+            except torch.OutOfMemoryError:
+                torch.cuda.empty_cache() if self.device.type == "cuda" else None
+                self._note = f"{job.key}: out of {self.device.type} memory, computed on the CPU"
+                self.notes.append(self._note)
+        if self.plan.method.elementwise and out.is_contiguous() and all(t is None or t.is_contiguous() for t in inputs):
+            self._chunked(inputs, out)
+        else:
+            out.copy_(self._call([t.to(self.work_dtype) if t is not None else None for t in inputs]))
+
+    def _call(self, args: list[torch.Tensor | None]) -> torch.Tensor:
+        return self.plan.method.func(*args, **self.params)
+
+    def _on_device(self, inputs: list, out: torch.Tensor) -> None:
+        args = [t.to(self.device).to(self.work_dtype) if t is not None else None for t in inputs]
+        out.copy_(self._call(args).to(out.dtype))
+
+    def _chunked(self, inputs: list, out: torch.Tensor) -> None:
+        """Slice by slice through float64 scratch, so no full-size float copy is ever made."""
+        flat_in = [t.reshape(-1) if t is not None else None for t in inputs]
+        flat_out = out.view(-1)
+        total = flat_out.numel()
+        step = min(CHUNK_ELEMENTS, max(total, 1))
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            args = [
+                None if tensor is None else self._widen(tensor[start:stop], index)
+                for index, tensor in enumerate(flat_in)
+            ]
+            flat_out[start:stop].copy_(self._call(args))
+
+    def _widen(self, piece: torch.Tensor, index: int) -> torch.Tensor:
+        """An exact float64 (or float32 on MPS) copy of ``piece`` in scratch owned by input ``index``.
+
+        16-bit floats go through float32 first: both steps are exact, and torch's direct
+        half -> double conversion is not vectorised (about 4x slower on the CPU).
+        """
+        while len(self._scratch) <= index:
+            self._scratch.append((torch.empty(CHUNK_ELEMENTS), torch.empty(CHUNK_ELEMENTS, dtype=self.work_dtype)))
+        narrow, wide = (buffer[: piece.numel()] for buffer in self._scratch[index])
+        if piece.dtype in (torch.float16, torch.bfloat16) and wide.dtype == torch.float64:
+            return wide.copy_(narrow.copy_(piece))
+        return wide.copy_(piece)

@@ -1,0 +1,179 @@
+"""What the engine needs from whoever runs it, and FolderHost, which serves a plain folder.
+
+The protocol speaks of checkpoint names and paths only, never of a host's own objects, so the
+webui, a Forge adapter, the standalone app, the CLI and the tests all run the same engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .errors import InputError
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+_TITLE_HASH = re.compile(r"\s\[[0-9a-fA-F]{8,64}\]$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint file and its name as the webui shows it (relative to the checkpoint folder)."""
+
+    path: Path
+    name: str
+
+    @property
+    def model_name(self) -> str:
+        """The webui's ``CheckpointInfo.model_name``, which the built-in's output names use."""
+        return os.path.splitext(self.name.replace("/", "_").replace("\\", "_"))[0]
+
+
+class Host(Protocol):
+    def checkpoints(self) -> list[str]:
+        """Names of the checkpoints the user can pick."""
+
+    def resolve(self, name: str) -> Checkpoint:
+        """A checkpoint by name or title (``name [hash]``); raises InputError naming it if unknown."""
+
+    def sha256(self, checkpoint: Checkpoint) -> str:
+        """The file's sha256, from the host's cache when it has one."""
+
+    def vae_path(self, name: str) -> Path | None:
+        """The VAE file for a VAE name, or None when there is no such VAE."""
+
+    def output_dir(self) -> Path:
+        """Where merged checkpoints go."""
+
+    def register(self, path: Path, sha256: str) -> str:
+        """Make a new checkpoint known (its hash already computed); returns its name or title."""
+
+    def device(self) -> str:
+        """The device to merge on when the request says 'auto'."""
+
+
+def strip_title(name: str) -> str:
+    """``model.safetensors [91f12f22ee]`` -> ``model.safetensors``."""
+    return _TITLE_HASH.sub("", name.strip())
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+class FolderHost:
+    """A folder of checkpoints: the host of the CLI, the standalone app and the tests.
+
+    Names are paths relative to the folder; a path to a file elsewhere also resolves (its name is
+    then the file name, as in the webui). Hashes are cached by path, size and mtime in a JSON file,
+    like the webui's own cache, so an input is hashed once, not at every merge.
+    """
+
+    def __init__(
+        self,
+        models_dir: str | os.PathLike,
+        *,
+        output_dir=None,
+        vae_dir=None,
+        device="auto",
+        hash_cache: str | os.PathLike | None = None,
+    ):
+        self.models_dir = Path(models_dir)
+        self._output_dir = Path(output_dir) if output_dir else self.models_dir
+        self.vae_dir = Path(vae_dir) if vae_dir else None
+        self._device = device
+        self._hash_cache = Path(hash_cache) if hash_cache else _default_hash_cache()
+
+    def checkpoints(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
+        files = (p for p in self.models_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES)
+        return sorted(p.relative_to(self.models_dir).as_posix() for p in files if p.is_file())
+
+    def resolve(self, name: str) -> Checkpoint:
+        plain = strip_title(name)
+        in_folder = self.models_dir / plain
+        path = in_folder if in_folder.is_file() else Path(plain)
+        if not path.is_file():
+            where = f" (looked in {self.models_dir} and the current folder)"
+            raise InputError(f"{name}: no such checkpoint{where}")
+        try:
+            name = path.resolve().relative_to(self.models_dir.resolve()).as_posix()
+        except ValueError:
+            name = path.name
+        return Checkpoint(path, name)
+
+    def sha256(self, checkpoint: Checkpoint) -> str:
+        path = checkpoint.path.resolve()
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime]
+        cache = self._read_cache()
+        entry = cache.get(str(path))
+        if entry and entry.get("stamp") == stamp:
+            return entry["sha256"]
+        digest = hash_file(path)
+        self._remember(path, digest)
+        return digest
+
+    def vae_path(self, name: str) -> Path | None:
+        for candidate in (Path(name), (self.vae_dir or self.models_dir) / name):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def output_dir(self) -> Path:
+        return self._output_dir
+
+    def register(self, path: Path, sha256: str) -> str:
+        self._remember(Path(path).resolve(), sha256)
+        return self.resolve(str(path)).name
+
+    def device(self) -> str:
+        return default_device() if self._device == "auto" else self._device
+
+    def _read_cache(self) -> dict:
+        try:
+            return json.loads(self._hash_cache.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _remember(self, path: Path, digest: str) -> None:
+        stat = path.stat()
+        cache = self._read_cache()
+        cache[str(path)] = {"stamp": [stat.st_size, stat.st_mtime], "sha256": digest}
+        try:
+            self._hash_cache.parent.mkdir(parents=True, exist_ok=True)
+            temp = self._hash_cache.with_suffix(f".{os.getpid()}.tmp")
+            temp.write_text(json.dumps(cache, indent=1))
+            os.replace(temp, self._hash_cache)
+        except OSError:
+            pass  # a cache that cannot be written only costs a re-hash next time
+
+
+def hash_file(path: Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def legacy_hash(path: Path) -> str:
+    """The webui's old 8-hex model hash: sha256 of 64 KiB at offset 1 MiB."""
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        return hashlib.sha256(file.read(0x10000)).hexdigest()[:8]
+
+
+def _default_hash_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "merge-lab" / "hashes.json"

@@ -1,0 +1,145 @@
+"""Output names, safetensors metadata and the ``.yaml`` config copy, exactly as the built-in does them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import OutputError, RequestError
+from ..host import Checkpoint, legacy_hash
+from ..request import MergeRequest
+
+RECIPE_TYPE = "merge-lab"
+
+
+@dataclass(frozen=True)
+class InputCheckpoint:
+    """One merge input as the metadata needs it: file, name, full hash and its own metadata."""
+
+    checkpoint: Checkpoint
+    sha256: str | None
+    metadata: dict[str, str]
+
+
+def output_stem(
+    request: MergeRequest,
+    method_name: str,
+    a: Checkpoint,
+    b: Checkpoint | None,
+    c: Checkpoint | None,
+    variant: str | None,
+) -> str:
+    """``0.7(a) + 0.3(b)``, ``a + 1.0(b - c)`` or ``a``, or the custom name; then the variant suffix."""
+    m = request.multiplier
+    if request.custom_name:
+        stem = request.custom_name
+    elif method_name == "weighted_sum":
+        stem = f"{round(1 - m, 2)}({a.model_name}) + {round(m, 2)}({b.model_name})"
+    elif method_name == "add_difference":
+        stem = f"{a.model_name} + {round(m, 2)}({b.model_name} - {c.model_name})"
+    else:
+        stem = a.model_name
+    return stem + (f".{variant}" if variant else "")
+
+
+def merge_recipe(request: MergeRequest, inputs: list[InputCheckpoint], variant: str | None) -> dict:
+    """The built-in's ``sd_merge_recipe`` fields, with ``type`` naming this project."""
+    hashes = [i.sha256 for i in inputs] + [None] * (3 - len(inputs))
+    return {
+        "type": RECIPE_TYPE,
+        "primary_model_hash": hashes[0],
+        "secondary_model_hash": hashes[1],
+        "tertiary_model_hash": hashes[2],
+        "interp_method": request.interp_method,
+        "multiplier": request.multiplier,
+        "save_as_half": request.save_as_half,
+        "custom_name": request.custom_name,
+        "config_source": request.config_source,
+        "bake_in_vae": request.bake_in_vae,
+        "discard_weights": request.discard_weights,
+        "is_inpainting": variant == "inpainting",
+        "is_instruct_pix2pix": variant == "instruct-pix2pix",
+    }
+
+
+def user_metadata(metadata_json: str) -> dict[str, str]:
+    """The user's JSON object; refused when invalid (the built-in silently drops it)."""
+    if not metadata_json or not metadata_json.strip():
+        return {}
+    try:
+        parsed = json.loads(metadata_json)
+    except json.JSONDecodeError as err:
+        raise RequestError(f"metadata_json: not valid JSON ({err})") from None
+    if not isinstance(parsed, dict):
+        raise RequestError("metadata_json: expected a JSON object of fields")
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in parsed.items()}
+
+
+def build_metadata(request: MergeRequest, inputs: list[InputCheckpoint], variant: str | None) -> dict[str, str]:
+    """The output's safetensors metadata; empty when the user asked for none."""
+    if not request.save_metadata:
+        return {}
+    metadata: dict[str, str] = {}
+    if request.copy_metadata_fields:
+        for item in inputs:
+            metadata.update(item.metadata)
+    metadata.update(user_metadata(request.metadata_json))
+    metadata["format"] = "pt"
+    if request.add_merge_recipe:
+        models: dict = {}
+        for item in inputs:
+            models[item.sha256] = {
+                "name": item.checkpoint.name,
+                "legacy_hash": legacy_hash(item.checkpoint.path),
+                "sd_merge_recipe": _json_field(item.metadata, "sd_merge_recipe"),
+            }
+            models.update(_json_field(item.metadata, "sd_merge_models") or {})
+        metadata["sd_merge_recipe"] = json.dumps(merge_recipe(request, inputs, variant))
+        metadata["sd_merge_models"] = json.dumps(models)
+    return metadata
+
+
+def _json_field(metadata: dict[str, str], field: str):
+    """A field the webui would have parsed as JSON (values starting with '{'), else the raw value."""
+    value = metadata.get(field)
+    if isinstance(value, str) and value.startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def config_near(checkpoint: Checkpoint | None) -> Path | None:
+    """``<stem>.yaml`` beside a checkpoint, as the webui's find_checkpoint_config_near_filename."""
+    if checkpoint is None:
+        return None
+    config = Path(os.path.splitext(checkpoint.path)[0] + ".yaml")
+    return config if config.exists() else None
+
+
+def config_to_copy(config_source: int, a: Checkpoint, b: Checkpoint | None, c: Checkpoint | None) -> Path | None:
+    """0: the first of A, B, C that has one; 1: B's; 2: C's; 3: none."""
+    if config_source == 0:
+        return config_near(a) or config_near(b) or config_near(c)
+    return {1: config_near(b), 2: config_near(c)}.get(config_source)
+
+
+def config_destination(output: Path) -> Path:
+    return Path(os.path.splitext(output)[0] + ".yaml")
+
+
+def copy_config(source: Path, output: Path) -> Path:
+    """Copy the config beside the output through a temp file, so a failed copy leaves nothing."""
+    destination = config_destination(output)
+    temp = destination.with_name(f".{destination.name}.merge-lab.tmp")
+    try:
+        shutil.copyfile(source, temp)
+        os.replace(temp, destination)
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"{destination}: the config could not be copied ({err.strerror})") from None
+    return destination

@@ -1,0 +1,265 @@
+"""Checkpoint readers that look like read-only dicts of tensors and never load a whole model.
+
+``.safetensors``: the header is parsed and checked first, then each tensor is a zero-copy view of a
+private (copy-on-write) memory map, so the file is never modified and mapped pages are page cache,
+not process memory. ``.ckpt``/``.pt``: ``torch.load(weights_only=True)``, memory-mapped when the
+file allows; a pickle that needs anything beyond tensors is refused before any of its code runs.
+Key names are normalised the way the webui's ``get_state_dict_from_checkpoint`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+from math import prod
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, UnsafePickleError
+
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin"}
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+# The webui renames these prefixes when it reads a checkpoint (modules/sd_models.py).
+SD1_RENAMES = {
+    "cond_stage_model.transformer.embeddings.": "cond_stage_model.transformer.text_model.embeddings.",
+    "cond_stage_model.transformer.encoder.": "cond_stage_model.transformer.text_model.encoder.",
+    "cond_stage_model.transformer.final_layer_norm.": "cond_stage_model.transformer.text_model.final_layer_norm.",
+}
+SD2_TURBO_RENAMES = {"conditioner.embedders.0.": "cond_stage_model."}
+SD2_TURBO_MARKER = "conditioner.embedders.0.model.ln_final.weight"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def _rename(key: str, renames: dict[str, str]) -> str:
+    for old, new in renames.items():
+        if key.startswith(old):
+            key = new + key[len(old) :]
+    return key
+
+
+def webui_key_names(stored: dict[str, TensorSpec]) -> dict[str, str]:
+    """Map the webui's name of each key to its stored name."""
+    marker = stored.get(SD2_TURBO_MARKER)
+    renames = SD2_TURBO_RENAMES if marker is not None and marker.shape[:1] == (1024,) else SD1_RENAMES
+    return {_rename(key, renames): key for key in stored}
+
+
+class CheckpointReader:
+    """A read-only mapping of key -> tensor, plus each key's spec and the file's metadata."""
+
+    path: Path
+    metadata: dict[str, str]
+
+    def __init__(self, path: Path, specs: dict[str, TensorSpec]):
+        self.path = path
+        self._stored_name = webui_key_names(specs)
+        self._specs = {key: specs[stored] for key, stored in self._stored_name.items()}
+
+    def keys(self) -> list[str]:
+        return list(self._specs)
+
+    def __iter__(self):
+        return iter(self._specs)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._specs
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def spec(self, key: str) -> TensorSpec:
+        return self._specs[key]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prefetch(self, key: str) -> None:
+        """Hint that ``key`` is read next (a no-op where the format cannot tell the kernel)."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for spec in self._specs.values())
+
+    def close(self) -> None:
+        """Release the file; tensors already handed out stay valid."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SafetensorsReader(CheckpointReader):
+    """Lazy ``.safetensors``: header first, each tensor a view of a copy-on-write memory map."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        with _open_input(path) as file:
+            size = os.fstat(file.fileno()).st_size
+            header, data_start = _read_header(path, file, size)
+            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        self._data_start = data_start
+        self._offsets: dict[str, tuple[int, int]] = {}
+        specs = {}
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+        for key, entry in header.items():
+            specs[key], self._offsets[key] = _parse_entry(path, key, entry, size - data_start)
+        self.metadata = dict(metadata)
+        super().__init__(path, specs)
+
+    def data_offset(self, key: str) -> int:
+        """Where the key's bytes start in the file: reading in this order reads the file sequentially."""
+        return self._offsets[self._stored_name[key]][0]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        begin, end = self._offsets[self._stored_name[key]]
+        spec = self._specs[key]
+        if spec.numel == 0:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        offset = self._data_start + begin
+        if offset % spec.dtype.itemsize:  # unaligned: copy rather than hand out a misaligned view
+            data = bytearray(self._map[offset : self._data_start + end])
+            return torch.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
+        return torch.frombuffer(self._map, dtype=spec.dtype, count=spec.numel, offset=offset).reshape(spec.shape)
+
+    def prefetch(self, key: str) -> None:
+        if self._map is None or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        begin, end = self._offsets[self._stored_name[key]]
+        start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        length = self._data_start + end - start
+        if length > 0:
+            self._map.madvise(mmap.MADV_WILLNEED, start, length)
+
+    def close(self) -> None:
+        # The map stays alive while tensors handed out still view it; it closes when they are gone.
+        self._map = None
+
+
+class PickleReader(CheckpointReader):
+    """``.ckpt`` / ``.pt`` through ``torch.load(weights_only=True)``: tensors and plain data only."""
+
+    def __init__(self, path: Path):
+        path = Path(path)
+        _open_input(path).close()
+        state = _safe_torch_load(path)
+        if not isinstance(state, dict):
+            raise InputError(f"{path}: not a checkpoint (it holds a {type(state).__name__}, not a dict)")
+        state = state.get("state_dict", state)
+        if not isinstance(state, dict):
+            raise InputError(f"{path}: not a checkpoint ('state_dict' is a {type(state).__name__})")
+        self._tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        self.metadata = {}
+        specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in self._tensors.items()}
+        super().__init__(path, specs)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._tensors[self._stored_name[key]]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
+    """Open a ``.safetensors`` lazily or a ``.ckpt``/``.pt`` safely, by the file's extension."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return PickleReader(path)
+    return SafetensorsReader(path)
+
+
+def _open_input(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a folder, not a checkpoint file") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read ({err.strerror})") from None
+
+
+def _read_header(path: Path, file, size: int) -> tuple[dict, int]:
+    if size < 8:
+        raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
+    (header_len,) = struct.unpack("<Q", file.read(8))
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise InputError(f"{path}: not a safetensors file, or truncated (header of {header_len} bytes)")
+    try:
+        header = json.loads(file.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: corrupt safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header, 8 + header_len
+
+
+def _parse_entry(path: Path, key: str, entry, data_size: int) -> tuple[TensorSpec, tuple[int, int]]:
+    try:
+        dtype = DTYPES[entry["dtype"]]
+        shape = tuple(int(n) for n in entry["shape"])
+        begin, end = (int(n) for n in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{path}: corrupt safetensors header at key {key}: {entry!r}") from None
+    spec = TensorSpec(dtype, shape)
+    if min(shape, default=0) < 0 or end - begin != spec.nbytes or begin < 0:
+        raise InputError(f"{path}: corrupt safetensors header at key {key}: {entry!r}")
+    if end > data_size:
+        raise InputError(f"{path}: truncated: key {key} ends at data byte {end} but the file holds only {data_size}")
+    return spec, (begin, end)
+
+
+def _safe_torch_load(path: Path):
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown object"
+        raise UnsafePickleError(
+            f"{path}: refused: this pickle needs more than tensors to load, and its code was not run "
+            f"({reason}). Convert it to .safetensors with a tool you trust."
+        ) from None
+    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, struct.error) as err:
+        raise InputError(f"{path}: corrupt or truncated checkpoint ({err})") from None

@@ -1,0 +1,63 @@
+"""MergeRequest: the one description of a merge that the tab, the API, the CLI and recipes share."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import RequestError
+
+CONFIG_SOURCES = ("A, B or C", "B", "C", "Don't")
+FORMATS = ("safetensors", "ckpt")
+NO_VAE = ("", "None")
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """The built-in ``run_modelmerger``'s 15 parameters (after ``id_task``), then Merge Lab's own."""
+
+    primary_model_name: str
+    secondary_model_name: str = ""
+    tertiary_model_name: str = ""
+    interp_method: str = "Weighted sum"
+    multiplier: float = 0.3
+    save_as_half: bool = False
+    custom_name: str = ""
+    checkpoint_format: str = "safetensors"
+    config_source: int = 0
+    bake_in_vae: str = "None"
+    discard_weights: str = ""
+    save_metadata: bool = True
+    add_merge_recipe: bool = True
+    copy_metadata_fields: bool = True
+    metadata_json: str = "{}"
+    # Merge Lab's own: an existing output is refused unless overwrite; device "auto" asks the host.
+    overwrite: bool = False
+    device: str = "auto"
+    # An exact output file (the CLI's -o); empty: the built-in's naming in the host's folder.
+    output_path: str = ""
+
+    def __post_init__(self):
+        source = self.config_source
+        if isinstance(source, str) and source in CONFIG_SOURCES:
+            object.__setattr__(self, "config_source", CONFIG_SOURCES.index(source))
+        elif not (isinstance(source, int) and 0 <= source < len(CONFIG_SOURCES)):
+            raise RequestError(f"config_source: expected 0-3 or one of {CONFIG_SOURCES}, got {source!r}")
+        if self.checkpoint_format not in FORMATS:
+            raise RequestError(f"checkpoint_format: expected one of {FORMATS}, got {self.checkpoint_format!r}")
+        try:
+            object.__setattr__(self, "multiplier", float(self.multiplier))
+        except (TypeError, ValueError):
+            raise RequestError(f"multiplier: expected a number, got {self.multiplier!r}") from None
+        if self.multiplier != self.multiplier or abs(self.multiplier) == float("inf"):
+            raise RequestError(f"multiplier: expected a finite number, got {self.multiplier!r}")
+
+    @classmethod
+    def from_webui_args(cls, id_task, *args, **merge_lab_options) -> MergeRequest:
+        """Build a request from ``run_modelmerger``'s positional arguments (``id_task`` is ignored)."""
+        names = [f.name for f in dataclasses.fields(cls)][: len(args)]
+        return cls(**dict(zip(names, args, strict=True)), **merge_lab_options)
+
+    @property
+    def vae_name(self) -> str | None:
+        return None if self.bake_in_vae in NO_VAE or self.bake_in_vae is None else self.bake_in_vae
