@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("bench-work"), help="folder for inputs and outputs")
+    parser.add_argument(
+        "--max-dim", type=int, default=0, help="cap every dimension (a quick smoke run, not a benchmark)"
+    )
     parser.add_argument("--no-fsync", action="store_true", help="skip fsync in all three (warm page cache figures)")
     parser.set_defaults(run=run)
 
@@ -48,9 +51,12 @@ def run(args) -> int:
     method = get_method(args.method)
     args.work.mkdir(parents=True, exist_ok=True)
     specs = synthetic.layout(args.arch)
+    tag = args.arch
+    if args.max_dim:
+        specs, tag = synthetic.scaled(specs, args.max_dim), f"{args.arch}_max{args.max_dim}"
     inputs = []
     for role, seed in list(zip("abc", (1, 2, 3), strict=True))[: len(method.inputs)]:
-        path = args.work / f"{args.arch}_{role}.safetensors"
+        path = args.work / f"{tag}_{role}.safetensors"
         if not path.exists():
             print(f"making {path} ...", flush=True)
             synthetic.write_checkpoint(path, specs, seed)

@@ -1,0 +1,40 @@
+"""The house's boundaries: what each part of the package may import."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "lib_merge"
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_webui_adapter_imports_modules_and_only_ui_imports_gradio():
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE).as_posix()
+        imports = imported_modules(path)
+        if relative != "webui_host.py":
+            assert "modules" not in imports, relative
+        if not (relative.startswith("ui/") or relative == "app.py"):
+            assert "gradio" not in imports, relative
+
+
+def test_importing_the_engine_loads_neither_gradio_nor_the_webui():
+    code = "import sys, lib_merge, lib_merge.cli, lib_merge.bench; print(sorted({'gradio', 'modules', 'fastapi'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_scripts_folder_holds_only_the_entry_script():
+    scripts = [p.name for p in (ROOT / "scripts").glob("*.py")] if (ROOT / "scripts").exists() else []
+    assert len(scripts) <= 1

@@ -1,0 +1,122 @@
+"""The command line end to end, in a subprocess, on real files."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import SDXL, make
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lib_merge", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_merge_prints_the_output_and_its_sha256(models, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    done = cli("merge", models / "a.safetensors", models / "b.safetensors", "--alpha", "0.5", "-o", out, "--half")
+    assert done.returncode == 0, done.stderr
+    path, sha_line = done.stdout.strip().splitlines()
+    assert path == str(out)
+    assert sha_line == f"sha256 {hashlib.sha256(out.read_bytes()).hexdigest()}"
+
+
+def test_add_difference_to_ckpt_and_inspect(models, tmp_path):
+    out = tmp_path / "diff.ckpt"
+    args = ("merge", models / "a.safetensors", models / "b.safetensors", models / "c.safetensors")
+    done = cli(*args, "--method", "add-difference", "--alpha", "1", "-o", out)
+    assert done.returncode == 0, done.stderr
+    inspected = cli("inspect", out)
+    assert "Architecture: SD1" in inspected.stdout and "float16" in inspected.stdout
+
+
+def test_inspect_reports_architecture_params_and_recipe(models, tmp_path):
+    out = tmp_path / "m.safetensors"
+    assert cli("merge", models / "a.safetensors", models / "b.safetensors", "-o", out).returncode == 0
+    report = json.loads(cli("inspect", out, "--json").stdout)
+    assert report["architecture"] == "SD1"
+    assert report["keys"] == 1143
+    assert report["sd_merge_recipe"]["type"] == "merge-lab"
+    assert report["sd_merge_recipe"]["multiplier"] == 0.3
+    text = cli("inspect", out).stdout
+    assert "Merge recipe (sd_merge_recipe):" in text and '"interp_method": "Weighted sum"' in text
+
+
+def test_dry_run_prints_the_preflight_and_writes_nothing(models, tmp_path):
+    out = tmp_path / "dry.safetensors"
+    done = cli("merge", models / "a.safetensors", models / "b.safetensors", "-o", out, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert "A: a.safetensors: SD1, 1143 keys" in done.stdout or "A: " in done.stdout
+    assert "Free space in" in done.stdout and "Ready to merge." in done.stdout
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "add-difference"], "requires a tertiary model"),
+        (["--discard", "("], "discard_weights: invalid regular expression"),
+        (["--vae", "nope.safetensors"], "bake_in_vae: no VAE named 'nope.safetensors'"),
+    ],
+)
+def test_bad_options_exit_non_zero_with_a_short_message(models, tmp_path, extra, message):
+    done = cli("merge", models / "a.safetensors", models / "b.safetensors", "-o", tmp_path / "x.safetensors", *extra)
+    assert done.returncode == 1
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_incompatible_models_are_refused_naming_the_key(models, tmp_path):
+    make(models / "xl.safetensors", specs=SDXL, seed=4)
+    done = cli("merge", models / "a.safetensors", models / "xl.safetensors", "-o", tmp_path / "x.safetensors")
+    assert done.returncode == 1
+    assert "A is SD1, B is SDXL" in done.stderr and "key model.diffusion_model." in done.stderr
+    dry = cli(
+        "merge", models / "a.safetensors", models / "xl.safetensors", "-o", tmp_path / "x.safetensors", "--dry-run"
+    )
+    assert dry.returncode == 1 and "Refused: nothing will be written." in dry.stdout
+
+
+def test_existing_output_and_inputs_are_protected(models, tmp_path):
+    out = tmp_path / "o.safetensors"
+    assert cli("merge", models / "a.safetensors", models / "b.safetensors", "-o", out).returncode == 0
+    again = cli("merge", models / "a.safetensors", models / "b.safetensors", "-o", out)
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert cli("merge", models / "a.safetensors", models / "b.safetensors", "-o", out, "--overwrite").returncode == 0
+    a_before = (models / "a.safetensors").read_bytes()
+    onto_input = cli(
+        "merge", models / "a.safetensors", models / "b.safetensors", "-o", models / "a.safetensors", "--overwrite"
+    )
+    assert onto_input.returncode == 1 and "is one of the inputs" in onto_input.stderr
+    assert (models / "a.safetensors").read_bytes() == a_before
+
+
+def test_missing_input_names_the_file(tmp_path):
+    done = cli("merge", tmp_path / "nope.safetensors", tmp_path / "nope2.safetensors", "-o", tmp_path / "x.safetensors")
+    assert done.returncode == 1 and "nope.safetensors: no such checkpoint" in done.stderr
+
+
+def test_demo_makes_and_merges_two_checkpoints(tmp_path):
+    done = cli("demo", "--dir", tmp_path / "demo")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "demo" / "demo_merged.safetensors").exists()
+    assert "Architecture: SD1" in done.stdout
+
+
+def test_bench_runs_and_prints_ratios(tmp_path):
+    done = cli("bench", "--max-dim", "64", "--repeats", "1", "--work", tmp_path / "bench", "--no-fsync")
+    assert done.returncode == 0, done.stderr
+    rows = {
+        line.split()[0]: line.split()
+        for line in done.stdout.splitlines()
+        if line.split() and line.split()[0] in ("floor", "engine", "baseline")
+    }
+    assert set(rows) == {"floor", "engine", "baseline"}
+    assert float(rows["floor"][2]) == 1.0 and float(rows["engine"][1]) > 0

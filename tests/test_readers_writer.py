@@ -1,0 +1,113 @@
+"""Readers and writers against the safetensors library and torch, on real files."""
+
+import hashlib
+import json
+import pickle
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import SD15, make
+
+from lib_merge import InputError, UnsafePickleError
+from lib_merge.io.readers import TensorSpec, open_checkpoint
+from lib_merge.io.writer import CkptWriter, SafetensorsWriter
+
+
+def test_writer_output_is_read_back_identically_by_the_safetensors_library(tmp_path):
+    tensors = {
+        "b": torch.randn(3, 4, dtype=torch.bfloat16),
+        "a": torch.arange(5),
+        "c": torch.randn(2).half(),
+        "s": torch.tensor(1.5),
+    }
+    specs = [(k, TensorSpec(v.dtype, tuple(v.shape))) for k, v in tensors.items()]
+    writer = SafetensorsWriter(tmp_path / "x.safetensors", specs, {"k": "v"})
+    for key, tensor in tensors.items():
+        writer.add(key, tensor)
+    sha = writer.finish()
+    assert sha == hashlib.sha256((tmp_path / "x.safetensors").read_bytes()).hexdigest()
+    loaded = safetensors.torch.load_file(str(tmp_path / "x.safetensors"))
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_reader_is_lazy_and_matches_the_safetensors_library(tmp_path):
+    path = make(tmp_path / "m.safetensors", metadata={"hello": "world"})
+    reference = safetensors.torch.load_file(str(path))
+    with open_checkpoint(path) as reader:
+        assert reader.metadata == {"hello": "world"}
+        assert set(reader.keys()) == set(reference)
+        for key in reference:
+            assert torch.equal(reader[key], reference[key])
+
+
+def test_old_sd1_key_names_are_renamed_as_the_webui_does(tmp_path):
+    old = "cond_stage_model.transformer.encoder.layers.0.mlp.fc1.bias"
+    torch.save({"state_dict": {old: torch.ones(2), "global_step": 5}}, tmp_path / "old.ckpt")
+    with open_checkpoint(tmp_path / "old.ckpt") as reader:
+        assert reader.keys() == ["cond_stage_model.transformer.text_model.encoder.layers.0.mlp.fc1.bias"]
+
+
+def test_ckpt_writer_gives_a_weights_only_loadable_file(tmp_path):
+    writer = CkptWriter(tmp_path / "x.ckpt", [("w", TensorSpec(torch.float16, (2,)))])
+    writer.add("w", torch.ones(2, dtype=torch.float16))
+    sha = writer.finish()
+    assert sha == hashlib.sha256((tmp_path / "x.ckpt").read_bytes()).hexdigest()
+    assert torch.equal(torch.load(tmp_path / "x.ckpt", weights_only=True)["w"], torch.ones(2, dtype=torch.float16))
+
+
+class Payload:
+    """Unpickling this would create a marker file: the reader must refuse it before it runs."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_malicious_pickle_is_refused_and_its_code_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.ckpt", "wb") as file:
+        pickle.dump({"state_dict": {"w": Payload(marker)}}, file)
+    torch.save({"state_dict": {"w": Payload(marker)}}, tmp_path / "evil_zip.ckpt")
+    marker.unlink(missing_ok=True)  # torch.save does not run it, but be sure
+    for name in ("evil.ckpt", "evil_zip.ckpt"):
+        with pytest.raises(UnsafePickleError, match=f"{name}: refused"):
+            open_checkpoint(tmp_path / name)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda b: b[: len(b) // 2], "truncated"),
+        (lambda b: b[:5], "not a safetensors file"),
+        (lambda b: b[:8] + b"\xff" + b[9:], "corrupt safetensors header"),
+        (lambda b: (10**12).to_bytes(8, "little") + b[8:], "not a safetensors file, or truncated"),
+    ],
+)
+def test_damaged_safetensors_are_refused_naming_the_file(tmp_path, damage, message):
+    good = make(tmp_path / "good.safetensors", specs=dict(list(SD15.items())[:20]))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(damage(good.read_bytes()))
+    with pytest.raises(
+        InputError, match=f"bad.safetensors.*{message}|{message}.*bad.safetensors|bad.safetensors: {message}"
+    ):
+        open_checkpoint(bad)
+
+
+def test_a_header_entry_with_a_wrong_size_names_the_key(tmp_path):
+    header = json.dumps({"w": {"dtype": "F16", "shape": [4], "data_offsets": [0, 6]}}).encode()
+    (tmp_path / "x.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)
+    with pytest.raises(InputError, match="at key w"):
+        open_checkpoint(tmp_path / "x.safetensors")
+
+
+def test_missing_and_folder_inputs(tmp_path):
+    with pytest.raises(InputError, match="nothing.safetensors: no such file"):
+        open_checkpoint(tmp_path / "nothing.safetensors")
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(InputError, match="is a folder"):
+        open_checkpoint(tmp_path / "dir.safetensors")
