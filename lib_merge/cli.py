@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import traceback
 from collections import Counter
@@ -25,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.progress = TerminalProgress() if sys.stderr.isatty() else None
+    signal.signal(signal.SIGTERM, _interrupt)  # a kill cleans up like Ctrl-C: no temp file left
     try:
         return args.run(args)
     except MergeError as err:
@@ -220,6 +222,10 @@ class TerminalProgress:
         if self.shown:
             self.stream.write("\n")
             self.shown = False
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _close(progress: TerminalProgress | None) -> None:

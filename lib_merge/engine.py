@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CancelledError
+from .errors import CancelledError, RequestError
 from .io.writer import CkptWriter, SafetensorsWriter
 from .plan import Job, Plan
 
@@ -56,7 +56,7 @@ def run(
 ) -> tuple[str, list[str]]:
     """Write the plan's output; returns its sha256 and notes (e.g. tensors moved to the CPU)."""
     plan.check()
-    compute = _Compute(plan, torch.device(device))
+    compute = _Compute(plan, usable_device(device))
     writer = _open_writer(plan)
     buffers = _BufferPool(max((job.spec.nbytes for job in plan.jobs), default=0))
     total_bytes = sum(job.spec.nbytes for job in plan.jobs)
@@ -76,6 +76,20 @@ def run(
     except BaseException:
         writer.abort()
         raise
+
+
+def usable_device(name: str) -> torch.device:
+    """The device, or a RequestError naming it when this machine cannot compute there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RequestError(f"device: unknown device {name!r} (auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RequestError(f"device: {name} was asked for, but this machine has no usable CUDA GPU")
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and not (mps is not None and mps.is_available()):
+        raise RequestError(f"device: {name} was asked for, but MPS is not available here")
+    return device
 
 
 def _open_writer(plan: Plan):

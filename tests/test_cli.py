@@ -63,6 +63,7 @@ def test_dry_run_prints_the_preflight_and_writes_nothing(models, tmp_path):
         (["--method", "add-difference"], "requires a tertiary model"),
         (["--discard", "("], "discard_weights: invalid regular expression"),
         (["--vae", "nope.safetensors"], "bake_in_vae: no VAE named 'nope.safetensors'"),
+        (["--device", "tpu9"], "device: unknown device 'tpu9'"),
     ],
 )
 def test_bad_options_exit_non_zero_with_a_short_message(models, tmp_path, extra, message):
@@ -120,3 +121,37 @@ def test_bench_runs_and_prints_ratios(tmp_path):
     }
     assert set(rows) == {"floor", "engine", "baseline"}
     assert float(rows["floor"][2]) == 1.0 and float(rows["engine"][1]) > 0
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(models, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = cli(
+        "merge",
+        models / "a.safetensors",
+        models / "b.safetensors",
+        "-o",
+        tmp_path / "x.safetensors",
+        "--device",
+        "cuda",
+    )
+    assert done.returncode == 1 and "device: cuda was asked for" in done.stderr
+    assert list(tmp_path.glob("*x.safetensors*")) == []
+
+
+def test_terminal_progress_bar_draws_and_ends_its_line():
+    import io
+
+    from lib_merge.cli import TerminalProgress
+    from lib_merge.engine import Progress
+
+    stream = io.StringIO()
+    bar = TerminalProgress(stream, width=10)
+    bar(Progress(1, 2, 500, 1000, "k"))
+    bar(Progress(2, 2, 1000, 1000, "k", note="moved to the CPU"))
+    bar.close()
+    text = stream.getvalue()
+    assert "\r[#####.....] 1/2 keys" in text and "[##########] 2/2 keys" in text
+    assert "note: moved to the CPU" in text and text.endswith("\n")
