@@ -177,7 +177,8 @@ class _Compute:
             try:
                 return self._on_device(inputs, out)
             except torch.OutOfMemoryError:
-                torch.cuda.empty_cache() if self.device.type == "cuda" else None
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
                 self._note = f"{job.key}: out of {self.device.type} memory, computed on the CPU"
                 self.notes.append(self._note)
         if self.plan.method.elementwise and out.is_contiguous() and all(t is None or t.is_contiguous() for t in inputs):

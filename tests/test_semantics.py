@@ -8,9 +8,15 @@ from conftest import POSITION_IDS, SD15, UNET_IN, assert_within_one_ulp, load, m
 from lib_merge import IncompatibleModelsError, MergeRequest, OutputError, merge
 
 
-def check_against_reference(result_path, a, b, c, method, multiplier, **options):
-    out = load(result_path)
-    exact, _ = reference_merge(load(a), load(b) if b else {}, load(c) if c else {}, method, multiplier, **options)
+def merge_and_check(request, host, models):
+    """Merge, then compare every key with the float64 reference of the same request."""
+    result = merge(request, host)
+    names = (request.primary_model_name, request.secondary_model_name, request.tertiary_model_name)
+    inputs = [load(models / name) if name else {} for name in names]
+    vae = load(request.bake_in_vae) if request.vae_name else None
+    options = {"save_as_half": request.save_as_half, "vae": vae, "discard": request.discard_weights}
+    exact, _ = reference_merge(*inputs, request.interp_method, request.multiplier, **options)
+    out = load(result.path)
     assert set(out) == set(exact)
     for key, (value, dtype) in exact.items():
         assert out[key].dtype == dtype, key
@@ -19,14 +25,13 @@ def check_against_reference(result_path, a, b, c, method, multiplier, **options)
             assert_within_one_ulp(out[key], value, key)
         else:
             assert torch.equal(out[key], value.to(dtype)), key
+    return result
 
 
 @pytest.mark.parametrize("multiplier", [0.0, 0.3, 0.5, 1.0, -0.7, 1.8])
 def test_weighted_sum_matches_the_builtin(host, models, multiplier):
-    result = merge(MergeRequest("a.safetensors", "b.safetensors", multiplier=multiplier, custom_name="out"), host)
-    check_against_reference(
-        result.path, models / "a.safetensors", models / "b.safetensors", None, "Weighted sum", multiplier
-    )
+    request = MergeRequest("a.safetensors", "b.safetensors", multiplier=multiplier, custom_name="out")
+    merge_and_check(request, host, models)
 
 
 @pytest.mark.parametrize("multiplier", [1.0, 0.45, -2.5])
@@ -37,15 +42,7 @@ def test_add_difference_matches_the_builtin_and_missing_c_keys_add_zero(host, mo
     request = MergeRequest(
         "a.safetensors", "b.safetensors", "c_partial.safetensors", "Add difference", multiplier, custom_name="out"
     )
-    result = merge(request, host)
-    check_against_reference(
-        result.path,
-        models / "a.safetensors",
-        models / "b.safetensors",
-        models / "c_partial.safetensors",
-        "Add difference",
-        multiplier,
-    )
+    result = merge_and_check(request, host, models)
     out, a = load(result.path), load(models / "a.safetensors")
     assert all(torch.equal(out[k], a[k]) for k in dropped)
 
@@ -64,12 +61,9 @@ def test_position_ids_and_keys_without_model_are_copied_from_a_and_b_only_keys_d
 @pytest.mark.parametrize(("channels", "variant"), [(9, "inpainting"), (8, "instruct-pix2pix")])
 def test_inpainting_and_pix2pix_merge_the_first_four_channels(host, models, channels, variant):
     make(models / "special.safetensors", specs=variant_specs(SD15, channels), seed=5)
-    result = merge(MergeRequest("special.safetensors", "b.safetensors", multiplier=0.4), host)
+    result = merge_and_check(MergeRequest("special.safetensors", "b.safetensors", multiplier=0.4), host, models)
     assert result.path.name == f"0.6(special) + 0.4(b).{variant}.safetensors"
     assert result.recipe[f"is_{variant.replace('-', '_')}"] is True
-    check_against_reference(
-        result.path, models / "special.safetensors", models / "b.safetensors", None, "Weighted sum", 0.4
-    )
     out, a = load(result.path), load(models / "special.safetensors")
     assert torch.equal(out[UNET_IN][:, 4:], a[UNET_IN][:, 4:])
 
@@ -89,16 +83,8 @@ def test_the_reverse_order_is_refused_with_the_builtins_words(host, models, chan
 def test_save_as_half_converts_float32_results_only(host, models, dtype):
     make(models / "a32.safetensors", seed=1, dtype=dtype)
     make(models / "b32.safetensors", seed=2, dtype=dtype)
-    result = merge(MergeRequest("a32.safetensors", "b32.safetensors", multiplier=0.25, save_as_half=True), host)
-    check_against_reference(
-        result.path,
-        models / "a32.safetensors",
-        models / "b32.safetensors",
-        None,
-        "Weighted sum",
-        0.25,
-        save_as_half=True,
-    )
+    request = MergeRequest("a32.safetensors", "b32.safetensors", multiplier=0.25, save_as_half=True)
+    result = merge_and_check(request, host, models)
     out = load(result.path)
     assert out[UNET_IN].dtype == (torch.float16 if dtype == torch.float32 else torch.bfloat16)
     assert out["betas"].dtype == dtype  # not merged: kept as stored, as in the built-in
@@ -106,10 +92,7 @@ def test_save_as_half_converts_float32_results_only(host, models, dtype):
 
 def test_mixed_dtypes_follow_type_promotion(host, models):
     make(models / "a32.safetensors", seed=1, dtype=torch.float32)
-    result = merge(MergeRequest("a32.safetensors", "b.safetensors", multiplier=0.5), host)
-    check_against_reference(
-        result.path, models / "a32.safetensors", models / "b.safetensors", None, "Weighted sum", 0.5
-    )
+    result = merge_and_check(MergeRequest("a32.safetensors", "b.safetensors", multiplier=0.5), host, models)
     assert load(result.path)[UNET_IN].dtype == torch.float32
 
 
@@ -120,50 +103,25 @@ def test_no_interpolation_with_half_converts_every_float32_tensor(host, models):
             MergeRequest("a32.safetensors", interp_method="No interpolation", save_as_half=True, overwrite=True), host
         )
     request = MergeRequest("a32.safetensors", interp_method="No interpolation", save_as_half=True, custom_name="a16")
-    result = merge(request, host)
-    check_against_reference(
-        result.path, models / "a32.safetensors", None, None, "No interpolation", 0.3, save_as_half=True
-    )
+    merge_and_check(request, host, models)
 
 
 def test_discard_weights_is_a_regex_search(host, models):
-    result = merge(
-        MergeRequest("a.safetensors", "b.safetensors", discard_weights=r"model_ema|^first_stage", custom_name="out"),
-        host,
+    request = MergeRequest(
+        "a.safetensors", "b.safetensors", discard_weights=r"model_ema|^first_stage", custom_name="out"
     )
-    out = load(result.path)
+    out = load(merge_and_check(request, host, models).path)
     assert not [k for k in out if k.startswith("first_stage_model.")]
-    check_against_reference(
-        result.path,
-        models / "a.safetensors",
-        models / "b.safetensors",
-        None,
-        "Weighted sum",
-        0.3,
-        discard=r"model_ema|^first_stage",
-    )
 
 
 def test_vae_bake_in_replaces_first_stage_keys(host, models, tmp_path):
     vae_specs = {k[len("first_stage_model.") :]: v for k, v in SD15.items() if k.startswith("first_stage_model.")}
     vae_specs["loss.logvar"] = SD15["betas"]
     vae = make(tmp_path / "vae.safetensors", specs=vae_specs, seed=7, dtype=torch.float32)
-    result = merge(
-        MergeRequest(
-            "a.safetensors", "b.safetensors", multiplier=0.5, bake_in_vae=str(vae), save_as_half=True, custom_name="out"
-        ),
-        host,
+    request = MergeRequest(
+        "a.safetensors", "b.safetensors", multiplier=0.5, bake_in_vae=str(vae), save_as_half=True, custom_name="out"
     )
-    check_against_reference(
-        result.path,
-        models / "a.safetensors",
-        models / "b.safetensors",
-        None,
-        "Weighted sum",
-        0.5,
-        save_as_half=True,
-        vae=load(vae),
-    )
+    result = merge_and_check(request, host, models)
     out, v = load(result.path), load(vae)
     key = "decoder.conv_in.weight"
     assert torch.equal(out[f"first_stage_model.{key}"], v[key].half())
@@ -174,20 +132,20 @@ def test_values_stay_within_one_ulp_under_cancellation_and_extrapolation(host, m
     """Values where float32 arithmetic is off by hundreds of ulp (a heavy cancellation)."""
     a = torch.tensor([-4936.0, 1000.0, 65504.0, 3.0e-5, -2.0], dtype=torch.float16)
     b = torch.tensor([-11808.0, -0.0010004, 65504.0, -3.0e-5, 2.0], dtype=torch.float16)
-    specs = {"model.diffusion_model.out.2.bias": None}
+    key = "model.diffusion_model.out.2.bias"
     from lib_merge.io.readers import TensorSpec
     from lib_merge.io.writer import SafetensorsWriter
 
     for name, tensor in (("x.safetensors", a), ("y.safetensors", b)):
-        writer = SafetensorsWriter(models / name, [(next(iter(specs)), TensorSpec(torch.float16, (5,)))], None)
-        writer.add(next(iter(specs)), tensor)
+        writer = SafetensorsWriter(models / name, [(key, TensorSpec(torch.float16, (5,)))], None)
+        writer.add(key, tensor)
         writer.finish()
     for multiplier in (-0.718, 0.49999, 0.5, 1.0000001, 2.7):
         result = merge(
             MergeRequest("x.safetensors", "y.safetensors", multiplier=multiplier, overwrite=True, custom_name="z"), host
         )
         exact = (1 - multiplier) * a.double() + multiplier * b.double()
-        out = load(result.path)["model.diffusion_model.out.2.bias"]
+        out = load(result.path)[key]
         assert_within_one_ulp(out, exact, f"M={multiplier}")
 
 
