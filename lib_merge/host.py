@@ -6,10 +6,13 @@ webui, a Forge adapter, the standalone app, the CLI and the tests all run the sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -58,6 +61,37 @@ class Host(Protocol):
         """The device to merge on when the request says 'auto'."""
 
 
+class AppHost(Host, Protocol):
+    """What the tab and the API need on top of the engine's Host: lists, loading, one job at a time."""
+
+    can_load: bool
+    load_by_default: bool
+
+    def refresh(self) -> None:
+        """Rescan the checkpoint and VAE folders."""
+
+    def vaes(self) -> list[str]:
+        """Names of the VAEs that can be baked in."""
+
+    def devices(self) -> list[str]:
+        """Devices a merge can run on here, the host's own first."""
+
+    def load(self, name: str) -> str:
+        """Make a checkpoint the host's current model; returns its title."""
+
+    def job(self, task_id: str = "") -> contextlib.AbstractContextManager:
+        """Hold the host's job slot (one merge or generation at a time) for the block."""
+
+    def report(self, progress) -> None:
+        """Show a merge's progress where the host shows progress."""
+
+    def should_stop(self) -> bool:
+        """True once the user asked to cancel the running job."""
+
+    def interrupt(self) -> None:
+        """Ask the running job to stop."""
+
+
 def strip_title(name: str) -> str:
     """``model.safetensors [91f12f22ee]`` -> ``model.safetensors``."""
     return _TITLE_HASH.sub("", name.strip())
@@ -92,6 +126,9 @@ class FolderHost:
         self.vae_dir = Path(vae_dir) if vae_dir else None
         self._device = device
         self._hash_cache = Path(hash_cache) if hash_cache else _default_hash_cache()
+        self._job_lock = threading.Lock()
+        self._stop = threading.Event()
+        self.last_progress = None
 
     def checkpoints(self) -> list[str]:
         if not self.models_dir.is_dir():
@@ -140,6 +177,44 @@ class FolderHost:
     def device(self) -> str:
         return default_device() if self._device == "auto" else self._device
 
+    # What the standalone app needs (AppHost): a folder has no current model to load.
+    can_load = False
+    load_by_default = False
+
+    def refresh(self) -> None:
+        pass  # every listing reads the folder afresh
+
+    def vaes(self) -> list[str]:
+        folder = self.vae_dir
+        if folder is None or not folder.is_dir():
+            return []
+        files = (p for p in folder.rglob("*") if p.suffix.lower() in (*CHECKPOINT_SUFFIXES, ".pt"))
+        return sorted(p.relative_to(folder).as_posix() for p in files if p.is_file())
+
+    def devices(self) -> list[str]:
+        return devices_here(self.device())
+
+    def load(self, name: str) -> str:
+        raise InputError(f"{name}: this host has no model to load; the file is ready in {self._output_dir}")
+
+    @contextlib.contextmanager
+    def job(self, task_id: str = "") -> Iterator[None]:
+        with self._job_lock:
+            self._stop.clear()
+            try:
+                yield
+            finally:
+                self._stop.clear()
+
+    def report(self, progress) -> None:
+        self.last_progress = progress
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    def interrupt(self) -> None:
+        self._stop.set()
+
     def _read_cache(self) -> dict:
         try:
             return json.loads(self._hash_cache.read_text())
@@ -157,6 +232,17 @@ class FolderHost:
             os.replace(temp, self._hash_cache)
         except OSError:
             pass  # a cache that cannot be written only costs a re-hash next time
+
+
+def devices_here(preferred: str) -> list[str]:
+    """The preferred device first, then the CPU and every GPU this machine has."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += ["cuda"] + [f"cuda:{index}" for index in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return [preferred] + [device for device in found if device != preferred]
 
 
 def hash_file(path: Path, block: int = 1 << 22) -> str:

@@ -1,0 +1,113 @@
+"""What the tab and the API do, free of gradio and FastAPI: requests from named fields, merges as host jobs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import merge
+from .errors import MergeError, RequestError
+from .host import AppHost
+from .io.readers import open_checkpoint
+from .plan import make_plan
+from .request import MergeRequest
+
+# The built-in run_modelmerger's parameters after id_task, then Merge Lab's own options.
+WEBUI_FIELDS = tuple(f.name for f in dataclasses.fields(MergeRequest))[:15]
+EXTRA_FIELDS = ("overwrite", "device")
+FIELDS = ("id_task", *WEBUI_FIELDS, *EXTRA_FIELDS, "load")
+
+log = logging.getLogger("merge_lab")
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    """A finished merge as the tab and the API report it."""
+
+    title: str
+    path: Path
+    sha256: str
+    loaded: bool
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def message(self) -> str:
+        loaded = " and loaded" if self.loaded else ""
+        lines = [f"Saved{loaded}: {self.title}", f"{self.path}", f"sha256 {self.sha256}, {self.seconds:.1f} s"]
+        return "\n".join(lines + self.notes)
+
+
+def request_from_fields(fields: Mapping[str, Any]) -> tuple[MergeRequest, bool]:
+    """A request and the ``load`` wish from named fields; an unknown field is refused by name."""
+    unknown = [name for name in fields if name not in FIELDS]
+    if unknown:
+        raise RequestError(f"{unknown[0]}: unknown field (expected some of {', '.join(FIELDS)})")
+    if not fields.get("primary_model_name"):
+        raise RequestError("primary_model_name: pick the primary model (A)")
+    values = {name: fields[name] for name in (*WEBUI_FIELDS, *EXTRA_FIELDS) if fields.get(name) is not None}
+    try:
+        request = MergeRequest(**values)
+    except TypeError as err:
+        raise RequestError(f"request: {err}") from None
+    return request, bool(fields.get("load", False))
+
+
+def preflight_report(host: AppHost, request: MergeRequest) -> tuple[bool, str]:
+    """Whether the merge can run, and the preflight report (or the reason it cannot even be planned)."""
+    try:
+        plan = make_plan(request, host)
+    except MergeError as err:
+        return False, f"Refused: {err}"
+    try:
+        return plan.ok, plan.report()
+    finally:
+        plan.close()
+
+
+def run_merge(
+    host: AppHost,
+    request: MergeRequest,
+    *,
+    load: bool,
+    task_id: str = "",
+    on_progress: Callable | None = None,
+) -> MergeOutcome:
+    """Merge as one host job (progress, cancel, one job at a time), then load the result if asked."""
+    started = time.perf_counter()
+
+    def progress(update) -> None:
+        host.report(update)
+        if on_progress is not None:
+            on_progress(update)
+
+    with host.job(task_id):
+        result = merge(request, host, progress=progress, should_stop=host.should_stop)
+        title, loaded, notes = result.name, False, list(result.notes)
+        if load and host.can_load:
+            try:
+                title, loaded = host.load(title), True
+            except Exception as err:  # the merge is saved: say why it is not loaded, keep the log's traceback
+                log.exception("Merge Lab: loading %s failed", title)
+                notes.append(f"Saved, but not loaded: {type(err).__name__}: {err}")
+    return MergeOutcome(title, result.path, result.sha256, loaded, time.perf_counter() - started, notes)
+
+
+def read_metadata(host: AppHost, names: list[str]) -> str:
+    """The picked checkpoints' metadata merged into one JSON object, later picks winning (the built-in's)."""
+    metadata: dict[str, str] = {}
+    for name in names:
+        path = host.resolve(name).path if name else None
+        if path is None or path.suffix.lower() != ".safetensors":
+            continue  # a pickle has no metadata, and reading one means loading it whole
+        reader = open_checkpoint(path)
+        try:
+            metadata.update(reader.metadata)
+        finally:
+            reader.close()
+    return json.dumps(metadata, indent=4, ensure_ascii=False)

@@ -1,0 +1,107 @@
+"""HTTP routes over the same actions as the tab: POST /merge-lab/v1/merge, GET /merge-lab/v1/models.
+
+Bad input is an HTTP 4xx with ``{"detail": message}``, never a 500. The body's schema is made
+from MergeRequest's own fields, so the API cannot drift from the tab and the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import typing
+from typing import Any, Union
+
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from pydantic import create_model
+
+from . import actions, arch
+from .errors import CancelledError, IncompatibleModelsError, MergeError, OutputError, RequestError
+from .host import AppHost
+from .io.readers import open_checkpoint
+from .methods import METHODS
+from .request import MergeRequest
+
+PREFIX = "/merge-lab/v1"
+STATUS = {RequestError: 422, IncompatibleModelsError: 409, OutputError: 409, CancelledError: 409}
+
+
+def _body_model():
+    """The merge body: the built-in's 16 parameters by name, then overwrite, device and load."""
+    hints = typing.get_type_hints(MergeRequest)
+    defaults = {f.name: f.default for f in dataclasses.fields(MergeRequest)}
+    fields: dict[str, Any] = {"id_task": (str, "")}
+    for name in actions.WEBUI_FIELDS + actions.EXTRA_FIELDS:
+        kind = Union[int, str] if name == "config_source" else hints[name]  # index or label  # noqa: UP007
+        default = defaults[name]
+        fields[name] = (kind, ... if default is dataclasses.MISSING else default)
+    fields["load"] = (bool, False)
+    return create_model("MergeBody", **fields)
+
+
+MergeBody = _body_model()
+
+
+def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None = None) -> None:
+    """Add the routes to ``app``; with ``credentials`` (user -> password) they need HTTP basic auth."""
+    dependencies = [Depends(_basic_auth(credentials))] if credentials else []
+    methods = ", ".join(m.label for m in METHODS.values())
+
+    async def merge(body: MergeBody):  # type: ignore[valid-type]
+        fields = body.dict() if hasattr(body, "dict") else body.model_dump()
+        try:
+            request, load = actions.request_from_fields(fields)
+            # The merge holds the host's job slot for its whole run: keep the event loop free.
+            outcome = await asyncio.to_thread(actions.run_merge, host, request, load=load, task_id=fields["id_task"])
+        except MergeError as err:
+            raise HTTPException(status_code=_status(err), detail=str(err)) from None
+        return {
+            "path": str(outcome.path),
+            "title": outcome.title,
+            "sha256": outcome.sha256,
+            "loaded": outcome.loaded,
+            "seconds": round(outcome.seconds, 3),
+            "notes": outcome.notes,
+        }
+
+    merge.__doc__ = f"Merge checkpoints like the built-in run_modelmerger (interp_method: {methods})."
+    app.add_api_route(f"{PREFIX}/merge", merge, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/models", lambda: _models(host), methods=["GET"], dependencies=dependencies)
+
+
+def _models(host: AppHost) -> list[dict]:
+    """Every checkpoint the host lists, with its architecture read from the file's header."""
+    listed = []
+    for name in host.checkpoints():
+        entry = {"name": name, "path": "", "architecture": "unreadable"}
+        try:
+            checkpoint = host.resolve(name)
+            entry["path"] = str(checkpoint.path)
+            entry["architecture"] = _architecture(checkpoint.path)
+        except MergeError as err:
+            entry["error"] = str(err)
+        listed.append(entry)
+    return listed
+
+
+def _architecture(path) -> str:
+    """SD1, SD2, SDXL... from the file's header (a pickle is loaded: the webui lists those too)."""
+    reader = open_checkpoint(path)
+    try:
+        return arch.describe(reader.keys(), lambda key: reader.spec(key).shape)
+    finally:
+        reader.close()
+
+
+def _status(err: MergeError) -> int:
+    return next((code for kind, code in STATUS.items() if isinstance(err, kind)), 400)
+
+
+def _basic_auth(credentials: dict[str, str]):
+    def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> None:  # noqa: B008 (FastAPI's idiom)
+        expected = credentials.get(given.username)
+        if expected is None or not secrets.compare_digest(given.password, expected):
+            raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
+
+    return check
