@@ -1,0 +1,273 @@
+"""The Merge Lab tab: build_tab(host) -> gr.Blocks, the same UI in the webui and standalone.
+
+Built in small named builders; every event goes through ``actions`` with a MergeRequest, so the
+tab holds no merge logic. Only gradio APIs that gradio 3.41 and 4 share are used (``gr.update``,
+no ``.update`` class methods); the page script hook is passed as ``_js`` or ``js``, whichever this
+gradio has, and only inside the webui, where ``javascript/merge_lab.js`` defines it.
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import logging
+
+import gradio as gr
+
+from .. import actions
+from ..errors import MergeError
+from ..host import AppHost
+from ..methods import METHODS, get_method
+from ..request import CONFIG_SOURCES, FORMATS
+
+log = logging.getLogger("merge_lab")
+NO_VAE = "None"
+
+# The request's fields in the order the merge event receives them (after the task id).
+REQUEST_FIELDS = (*actions.WEBUI_FIELDS, "overwrite", "device", "load")
+# The fields that change what the preflight says (the metadata ones do not).
+PREFLIGHT_INPUTS = (
+    "primary_model_name", "secondary_model_name", "tertiary_model_name", "interp_method", "multiplier",
+    "save_as_half", "custom_name", "checkpoint_format", "bake_in_vae", "discard_weights", "overwrite",
+)  # fmt: skip
+
+
+def build_tab(host: AppHost, *, in_webui: bool = False) -> gr.Blocks:
+    """The whole tab over ``host``; ``in_webui`` adds the page-side hooks (progress bar, txt2img)."""
+    with gr.Blocks(analytics_enabled=False, title="Merge Lab") as tab:
+        with gr.Row(equal_height=False):
+            with gr.Column(variant="compact"):
+                ui = build_inputs(host)
+                ui.update(build_method())
+                ui.update(build_output(host))
+                ui.update(build_metadata())
+            with gr.Column(variant="compact"):
+                ui.update(build_actions(host, in_webui))
+        wire_events(host, ui, in_webui)
+    return tab
+
+
+def build_inputs(host: AppHost) -> dict:
+    with gr.Row():
+        models = {
+            f"{role}_model_name": gr.Dropdown(host.checkpoints(), label=label, elem_id=f"merge_lab_{role}")
+            for role, label in (
+                ("primary", "Primary model (A)"),
+                ("secondary", "Secondary model (B)"),
+                ("tertiary", "Tertiary model (C)"),
+            )
+        }
+        refresh = gr.Button("Refresh lists", elem_id="merge_lab_refresh", scale=0)
+    return {**models, "refresh": refresh}
+
+
+def build_method() -> dict:
+    labels = [m.label for m in METHODS.values()]
+    method = gr.Radio(labels, value=labels[0], label="Method", elem_id="merge_lab_method")
+    about = gr.Markdown(_describe(labels[0]), elem_id="merge_lab_method_about")
+    multiplier = gr.Slider(
+        minimum=-1.0,
+        maximum=2.0,
+        step=0.05,
+        value=0.3,
+        label="Multiplier (M): 0 gives A; below 0 or above 1 extrapolates",
+        elem_id="merge_lab_multiplier",
+    )
+    return {"interp_method": method, "about": about, "multiplier": multiplier}
+
+
+def build_output(host: AppHost) -> dict:
+    custom_name = gr.Textbox(label="Custom name (optional)", elem_id="merge_lab_custom_name")
+    with gr.Row():
+        checkpoint_format = gr.Radio(
+            list(FORMATS), value="safetensors", label="Format", elem_id="merge_lab_checkpoint_format"
+        )
+        save_as_half = gr.Checkbox(False, label="Save as float16", elem_id="merge_lab_save_as_half")
+        overwrite = gr.Checkbox(False, label="Overwrite an existing file", elem_id="merge_lab_overwrite")
+    with gr.Row():
+        config_source = gr.Radio(
+            list(CONFIG_SOURCES), value=CONFIG_SOURCES[0], type="index", label="Copy config from",
+            elem_id="merge_lab_config_source",
+        )  # fmt: skip
+        bake_in_vae = gr.Dropdown([NO_VAE, *host.vaes()], value=NO_VAE, label="Bake in VAE", elem_id="merge_lab_vae")
+    discard_weights = gr.Textbox(label="Discard weights matching (regex)", elem_id="merge_lab_discard_weights")
+    with gr.Row():
+        devices = host.devices()
+        device = gr.Dropdown(devices, value=devices[0], label="Merge on", elem_id="merge_lab_device")
+        load = gr.Checkbox(
+            host.can_load and host.load_by_default,
+            label="Load merged model now",
+            visible=host.can_load,
+            elem_id="merge_lab_load",
+        )
+    return {
+        "custom_name": custom_name,
+        "checkpoint_format": checkpoint_format,
+        "save_as_half": save_as_half,
+        "overwrite": overwrite,
+        "config_source": config_source,
+        "bake_in_vae": bake_in_vae,
+        "discard_weights": discard_weights,
+        "device": device,
+        "load": load,
+    }
+
+
+def build_metadata() -> dict:
+    with gr.Accordion("Metadata", open=False) as accordion:
+        with gr.Row():
+            save_metadata = gr.Checkbox(True, label="Save metadata", elem_id="merge_lab_save_metadata")
+            add_merge_recipe = gr.Checkbox(True, label="Add merge recipe", elem_id="merge_lab_add_recipe")
+            copy_metadata_fields = gr.Checkbox(
+                True, label="Copy metadata from merged models", elem_id="merge_lab_copy_metadata"
+            )
+        metadata_json = gr.Textbox("{}", lines=4, label="Metadata (JSON)", elem_id="merge_lab_metadata_json")
+        read_metadata = gr.Button("Read metadata from the picked checkpoints", elem_id="merge_lab_read_metadata")
+    return {
+        "metadata": accordion,
+        "save_metadata": save_metadata,
+        "add_merge_recipe": add_merge_recipe,
+        "copy_metadata_fields": copy_metadata_fields,
+        "metadata_json": metadata_json,
+        "read_metadata": read_metadata,
+    }
+
+
+def build_actions(host: AppHost, in_webui: bool) -> dict:
+    preflight = gr.Textbox(
+        "Pick the primary model (A) to see what the merge will do.",
+        label="Preflight (from the files' headers; nothing written yet)",
+        lines=9,
+        interactive=False,
+        elem_id="merge_lab_preflight",
+    )
+    with gr.Row():
+        merge = gr.Button("Merge", variant="primary", elem_id="merge_lab_merge")
+        merge_open = gr.Button("Merge & open txt2img", visible=in_webui, elem_id="merge_lab_merge_open")
+        cancel = gr.Button("Cancel", variant="stop", elem_id="merge_lab_cancel")
+    with gr.Group(elem_id="merge_lab_results_panel"):
+        result = gr.HTML(elem_id="merge_lab_result")
+    task_id = gr.Textbox(visible=False, elem_id="merge_lab_task_id")
+    open_txt2img = gr.Checkbox(False, visible=False, elem_id="merge_lab_open_txt2img")
+    return {
+        "preflight": preflight,
+        "merge": merge,
+        "merge_open": merge_open,
+        "cancel": cancel,
+        "result": result,
+        "task_id": task_id,
+        "open_txt2img": open_txt2img,
+    }
+
+
+def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
+    fields = [ui[name] for name in REQUEST_FIELDS]
+    pickers = [ui["primary_model_name"], ui["secondary_model_name"], ui["tertiary_model_name"]]
+
+    def show_preflight(*values):
+        return _preflight_text(host, dict(zip(REQUEST_FIELDS, values, strict=True)))
+
+    for name in PREFLIGHT_INPUTS:
+        ui[name].change(show_preflight, inputs=fields, outputs=[ui["preflight"]], queue=False)
+    ui["interp_method"].change(_describe, inputs=[ui["interp_method"]], outputs=[ui["about"]], queue=False)
+    ui["checkpoint_format"].change(
+        lambda fmt: gr.update(visible=fmt == "safetensors"), inputs=[ui["checkpoint_format"]],
+        outputs=[ui["metadata"]], queue=False,
+    )  # fmt: skip
+    ui["read_metadata"].click(
+        lambda *names: _guarded(lambda: actions.read_metadata(host, list(names))),
+        inputs=pickers, outputs=[ui["metadata_json"]],
+    )  # fmt: skip
+
+    def refresh():
+        host.refresh()
+        return [gr.update(choices=host.checkpoints()) for _ in pickers] + [gr.update(choices=[NO_VAE, *host.vaes()])]
+
+    ui["refresh"].click(refresh, outputs=[*pickers, ui["bake_in_vae"]])
+    ui["cancel"].click(host.interrupt, queue=False)
+
+    # gradio inserts the progress tracker at its parameter's position, so it comes first.
+    def on_merge(progress=gr.Progress(), task_id="", open_txt2img=False, *values):  # noqa: B008 (gradio's idiom)
+        fields = dict(zip(REQUEST_FIELDS, values, strict=True))
+        message = _merge(host, fields, task_id, open_txt2img, progress)
+        return [message] + [gr.update(choices=host.checkpoints()) for _ in pickers]
+
+    for button, opens in ((ui["merge"], False), (ui["merge_open"], True)):
+        button.click(
+            on_merge,
+            inputs=[ui["task_id"], ui["open_txt2img"], *fields],
+            outputs=[ui["result"], *pickers],
+            **_page_hook(button, "mergeLabOpenTxt2img" if opens else "mergeLabMerge", in_webui),
+        )
+
+
+def _merge(host: AppHost, fields: dict, task_id: str, open_txt2img: bool, progress) -> str:
+    """The result panel's HTML; the data attributes tell the page script what to do next."""
+
+    def show(update) -> None:
+        progress((update.keys_done, update.keys_total), desc=f"merging {update.key}")
+
+    try:
+        request, load = actions.request_from_fields(fields)
+        outcome = actions.run_merge(host, request, load=load, task_id=task_id or "", on_progress=show)
+    except MergeError as err:
+        return _error_html(str(err))
+    except Exception as err:  # the tab shows a message, never a traceback; the log keeps it
+        log.exception("Merge Lab: merge failed")
+        return _error_html(f"internal error: {type(err).__name__}: {err}")
+    return (
+        f'<div class="merge-lab-done" data-title="{html.escape(outcome.title)}" '
+        f'data-loaded="{int(outcome.loaded)}" data-open="{int(bool(open_txt2img))}">'
+        f"{_pre(outcome.message())}</div>"
+    )
+
+
+PICKERS = {"a": ("primary_model_name", "primary model (A)"), "b": ("secondary_model_name", "secondary model (B)"),
+           "c": ("tertiary_model_name", "tertiary model (C)")}  # fmt: skip
+
+
+def _preflight_text(host: AppHost, fields: dict) -> str:
+    """The preflight report, or which model to pick next while the picks are incomplete."""
+    try:
+        wanted = get_method(fields.get("interp_method") or "").inputs
+    except MergeError as err:
+        return f"Refused: {err}"
+    for role in wanted:
+        field_name, label = PICKERS[role]
+        if not fields.get(field_name):
+            return f"Pick the {label} to see what the merge will do."
+    try:
+        request, _ = actions.request_from_fields(fields)
+    except MergeError as err:
+        return f"Refused: {err}"
+    return actions.preflight_report(host, request)[1]
+
+
+def _guarded(compute):
+    try:
+        return compute()
+    except MergeError as err:
+        return f"{{}}  // {err}"
+
+
+def _error_html(message: str) -> str:
+    return f'<div class="merge-lab-error" style="color: var(--error-text-color, #c00)">{_pre(message)}</div>'
+
+
+def _pre(text: str) -> str:
+    """Preformatted, but long paths wrap instead of widening the panel."""
+    return f'<pre style="white-space: pre-wrap; overflow-wrap: anywhere">{html.escape(text)}</pre>'
+
+
+def _describe(label: str) -> str:
+    found = next((m for m in METHODS.values() if m.label == label), None)
+    summary = found.doc.splitlines()[0] if found and found.doc else ""
+    return f"{summary} Inputs: {', '.join(found.inputs).upper()}." if found else ""
+
+
+def _page_hook(button: gr.Button, function: str, in_webui: bool) -> dict:
+    """The page script to run before the event, under the name this gradio uses (``_js`` or ``js``)."""
+    if not in_webui:
+        return {}
+    parameter = "js" if "js" in inspect.signature(button.click).parameters else "_js"
+    return {parameter: function}

@@ -1,0 +1,136 @@
+"""The standalone app (`python -m lib_merge.app`) driven in a real headless Chromium, as a user drives it.
+
+The server is the real command in a subprocess, over real safetensors files in a temp folder; the
+browser is Debian's chromium through Playwright. Outside CI the tests skip when chromium is missing;
+in CI (CI=true) a missing browser is a failure, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+ROOT = Path(__file__).resolve().parents[1]
+# Set MERGE_LAB_SCREENSHOTS=docs to refresh the README's screenshot from this run.
+SCREENSHOTS = os.environ.get("MERGE_LAB_SCREENSHOTS")
+
+playwright = pytest.importorskip("playwright.sync_api")
+if CHROMIUM is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("chromium is not installed; .ci/run installs it with apt-get")
+    pytest.skip("chromium is not installed (apt-get install chromium)", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The app serving a folder with two good checkpoints and one that is not a checkpoint at all."""
+    folder = tmp_path_factory.mktemp("app") / "models"
+    make(folder / "alpha.safetensors", seed=1)
+    make(folder / "beta.safetensors", seed=2)
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    port = free_port()
+    env = {**os.environ, "XDG_CACHE_HOME": str(folder.parent / "cache")}  # keep the user's hash cache out of it
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lib_merge.app", "--models", str(folder), "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for_announcement(server)
+        yield folder, f"http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _wait_for_announcement(server: subprocess.Popen, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = server.stdout.readline()
+        if not line and server.poll() is not None:
+            break
+        seen.append(line)
+        if line.startswith("Merge Lab: http://"):
+            return
+    raise AssertionError("the app did not start:\n" + "".join(seen))
+
+
+@pytest.fixture
+def page(served):
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        tab = browser.new_page(viewport={"width": 1280, "height": 1000})
+        tab.goto(served[1])
+        tab.wait_for_selector("#merge_lab_merge")
+        yield tab
+        browser.close()
+
+
+def pick(page, elem_id: str, name: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.locator(f"#{elem_id} ul.options li", has_text=name).first.click()
+
+
+def choices(page, elem_id: str) -> list[str]:
+    page.locator(f"#{elem_id} input").click()
+    options = page.locator(f"#{elem_id} ul.options li").all_inner_texts()
+    page.keyboard.press("Escape")
+    return [option.strip() for option in options]
+
+
+def test_pick_two_merge_and_see_the_result_in_the_dropdowns_and_on_disk(page, served):
+    folder, _ = served
+    pick(page, "merge_lab_primary", "alpha.safetensors")
+    pick(page, "merge_lab_secondary", "beta.safetensors")
+    preflight = page.locator("#merge_lab_preflight textarea")
+    page.wait_for_function(
+        "() => document.querySelector('#merge_lab_preflight textarea').value.includes('0.7(alpha) + 0.3(beta)')"
+    )
+    assert "SD1" in preflight.input_value()
+
+    page.locator("#merge_lab_merge").click()
+    done = page.locator("#merge_lab_result .merge-lab-done")
+    done.wait_for(timeout=60_000)
+    assert "Saved: 0.7(alpha) + 0.3(beta).safetensors" in done.inner_text()
+    assert (folder / "0.7(alpha) + 0.3(beta).safetensors").is_file()
+    for elem_id in ("merge_lab_primary", "merge_lab_secondary", "merge_lab_tertiary"):
+        assert "0.7(alpha) + 0.3(beta).safetensors" in choices(page, elem_id)
+    if SCREENSHOTS:
+        page.screenshot(path=str(ROOT / SCREENSHOTS / "merge-lab-tab.png"))
+
+
+def test_a_bad_pick_is_refused_in_the_tab_and_writes_nothing(page, served):
+    folder, _ = served
+    before = sorted(p.name for p in folder.iterdir())
+    pick(page, "merge_lab_primary", "alpha.safetensors")
+    pick(page, "merge_lab_secondary", "broken.safetensors")
+    page.wait_for_function("() => document.querySelector('#merge_lab_preflight textarea').value.startsWith('Refused')")
+    assert "broken.safetensors" in page.locator("#merge_lab_preflight textarea").input_value()
+
+    page.locator("#merge_lab_merge").click()
+    error = page.locator("#merge_lab_result .merge-lab-error")
+    error.wait_for(timeout=60_000)
+    assert "broken.safetensors" in error.inner_text()
+    assert "Traceback" not in error.inner_text()
+    assert sorted(p.name for p in folder.iterdir()) == before
