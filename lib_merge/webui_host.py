@@ -1,0 +1,170 @@
+"""WebuiHost: the engine's host inside AUTOMATIC1111's webui. The ONLY module that imports ``modules``.
+
+Everything the webui gives Merge Lab goes through here: its checkpoint and VAE lists, its output
+folder and device, its hash cache (seeded with the sha256 the writer computed, so a fresh file is
+never read again), its queue lock and progress state, and its own way to switch models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from modules import call_queue, devices, hashes, sd_models, sd_vae, shared
+from modules import progress as webui_progress
+
+from .errors import InputError
+from .host import Checkpoint, devices_here, hash_file
+
+MERGE_JOB = "merge-lab"  # shared.state.job while a merge runs
+
+
+class WebuiHost:
+    """The webui's services behind the AppHost protocol; names are the webui's checkpoint titles."""
+
+    can_load = True
+
+    def checkpoints(self) -> list[str]:
+        return sd_models.checkpoint_tiles()
+
+    def refresh(self) -> None:
+        sd_models.list_models()
+        sd_vae.refresh_vae_list()
+
+    def resolve(self, name: str) -> Checkpoint:
+        info = _checkpoint_info(name)
+        return Checkpoint(Path(info.filename), info.name)
+
+    def sha256(self, checkpoint: Checkpoint) -> str:
+        # The webui's cached hash when it has one; --no-hashing makes it None, but a recipe needs one.
+        digest = hashes.sha256(str(checkpoint.path), f"checkpoint/{checkpoint.name}")
+        return digest or hash_file(checkpoint.path)
+
+    def vae_path(self, name: str) -> Path | None:
+        path = sd_vae.vae_dict.get(name)
+        return Path(path) if path else None
+
+    def vaes(self) -> list[str]:
+        return list(sd_vae.vae_dict)
+
+    def output_dir(self) -> Path:
+        return Path(shared.cmd_opts.ckpt_dir or sd_models.model_path)
+
+    def register(self, path: Path, sha256: str) -> str:
+        """Seed the webui's hash cache, rescan, and return the new checkpoint's title."""
+        name = sd_models.CheckpointInfo(str(path)).name
+        hashes.cache("hashes")[f"checkpoint/{name}"] = {"mtime": os.path.getmtime(path), "sha256": sha256}
+        hashes.dump_cache()
+        sd_models.list_models()
+        for info in sd_models.checkpoints_list.values():
+            if os.path.abspath(info.filename) == os.path.abspath(path):
+                return info.title
+        raise InputError(f"{path}: written, but the webui does not list it (is it outside the checkpoint folder?)")
+
+    def device(self) -> str:
+        """The Merge Lab setting when the user chose one, else the device the webui generates on."""
+        return getattr(shared.opts, "merge_lab_device", "") or str(devices.device)
+
+    @property
+    def load_by_default(self) -> bool:
+        return bool(getattr(shared.opts, "merge_lab_load_default", True))
+
+    def devices(self) -> list[str]:
+        return devices_here(self.device())
+
+    def load(self, name: str) -> str:
+        """Make ``name`` the current model the way the settings do: set the option, reload the weights.
+
+        Called while this host's job holds the queue lock, so the reload that the option's onchange
+        would queue is called directly here.
+        """
+        title = _checkpoint_info(name).title
+        previous = shared.opts.sd_model_checkpoint
+        shared.opts.set("sd_model_checkpoint", title, run_callbacks=False)
+        try:
+            sd_models.reload_model_weights()
+        except Exception:
+            shared.opts.set("sd_model_checkpoint", previous, run_callbacks=False)
+            raise
+        shared.opts.save(shared.config_filename)
+        return title
+
+    @contextlib.contextmanager
+    def job(self, task_id: str = "") -> Iterator[None]:
+        """One job at a time with generation, visible in /sdapi/v1/progress and the page's progress bar."""
+        task_id = task_id or f"task(merge-lab-{uuid.uuid4().hex[:12]})"
+        webui_progress.add_task_to_queue(task_id)
+        with call_queue.queue_lock:
+            shared.state.begin(job=MERGE_JOB)
+            webui_progress.start_task(task_id)
+            shared.state.job_count = 1
+            shared.state.textinfo = "Merge Lab: preflight"
+            try:
+                yield
+            finally:
+                webui_progress.finish_task(task_id)
+                shared.state.end()
+                shared.state.interrupted = False
+                devices.torch_gc()
+
+    def report(self, progress) -> None:
+        shared.state.sampling_steps = progress.keys_total
+        shared.state.sampling_step = progress.keys_done
+        shared.state.textinfo = f"Merge Lab: {progress.key}"
+        if progress.note:
+            print(f"Merge Lab: {progress.note}")
+
+    def should_stop(self) -> bool:
+        return bool(shared.state.interrupted)
+
+    def interrupt(self) -> None:
+        if shared.state.job == MERGE_JOB:  # Cancel in this tab must not stop someone's txt2img
+            shared.state.interrupt()
+
+    def api_auth(self) -> dict[str, str]:
+        """The webui's --api-auth users and passwords, empty when the API is open."""
+        credentials = {}
+        for pair in (shared.cmd_opts.api_auth or "").split(","):
+            if ":" in pair:
+                user, password = pair.split(":", 1)
+                credentials[user] = password
+        return credentials
+
+
+SETTINGS_SECTION = ("merge_lab", "Merge Lab")
+
+
+def on_ui_settings() -> None:
+    """Merge Lab's options in the webui's Settings tab."""
+    load_default = shared.OptionInfo(True, 'Tick "Load merged model now" by default', section=SETTINGS_SECTION)
+    device = shared.OptionInfo(
+        "", "Device to merge on (empty: the one the webui generates on; e.g. cpu, cuda:1)", section=SETTINGS_SECTION
+    )
+    shared.opts.add_option("merge_lab_load_default", load_default.needs_reload_ui())
+    shared.opts.add_option("merge_lab_device", device.needs_reload_ui())
+
+
+def on_ui_tabs():
+    """The tab, built over this host; the webui calls this once per UI (re)load."""
+    from .ui.tab import build_tab
+
+    return [(build_tab(WebuiHost(), in_webui=True), "Merge Lab", "merge_lab")]
+
+
+def on_app_started(_demo, app) -> None:
+    """The API routes on the webui's own FastAPI app, behind --api-auth when the webui has it."""
+    from .api import add_routes
+
+    host = WebuiHost()
+    add_routes(app, host, host.api_auth() or None)
+
+
+def _checkpoint_info(name: str):
+    """The webui's CheckpointInfo for a title or plain name; exact ids only, never a substring guess."""
+    info = sd_models.checkpoints_list.get(name) or sd_models.checkpoint_aliases.get(name)
+    if info is None:
+        raise InputError(f"{name}: not in the webui's checkpoint list (press refresh, or check the name)")
+    return info

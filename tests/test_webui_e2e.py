@@ -1,0 +1,213 @@
+"""Merge Lab inside a real AUTOMATIC1111 webui (v1.10.1), installed and used the way a user does.
+
+Skipped unless MERGE_LAB_WEBUI names a webui folder built like ../shared/webui-offline/setup.sh builds
+one (its venv beside it, random-weight rand_a / rand_b / rand_inpaint checkpoints):
+
+    MERGE_LAB_WEBUI=/path/to/webui .venv/bin/python -m pytest -q tests/test_webui_e2e.py
+
+It clones this repository's committed HEAD into WEBUI/extensions/merge-lab (what "Install from URL"
+does), starts the webui with the kit's start.sh (MERGE_LAB_WEBUI_KIT, default ../shared/webui-offline;
+port MERGE_LAB_WEBUI_PORT, default 7861), drives the page in headless chromium, and stops it again.
+The merged files it makes (2 GB each) are deleted at the end. MERGE_LAB_SCREENSHOTS=DIR keeps screenshots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+WEBUI = Path(os.environ["MERGE_LAB_WEBUI"]).resolve() if os.environ.get("MERGE_LAB_WEBUI") else None
+KIT = Path(os.environ.get("MERGE_LAB_WEBUI_KIT", ROOT.parent / "shared" / "webui-offline"))
+PORT = int(os.environ.get("MERGE_LAB_WEBUI_PORT", "7861"))
+URL = f"http://127.0.0.1:{PORT}"
+SHOTS = os.environ.get("MERGE_LAB_SCREENSHOTS")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+MERGED = "merge_lab_e2e"
+
+if WEBUI is None:
+    pytest.skip("set MERGE_LAB_WEBUI=/path/to/webui to run the real-webui check", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.slow
+
+
+def call(path: str, body: dict | None = None, method: str | None = None) -> tuple[int, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(URL + path, data=data, method=method or ("POST" if data else "GET"))
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=900) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+@pytest.fixture(scope="module")
+def webui():
+    """The webui running with Merge Lab cloned into its extensions; stopped and tidied afterwards."""
+    models = WEBUI / "models" / "Stable-diffusion"
+    extension = WEBUI / "extensions" / "merge-lab"
+    shutil.rmtree(extension, ignore_errors=True)
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(extension)], check=True)
+    before = set(models.iterdir())
+    subprocess.run(["bash", str(KIT / "start.sh"), str(WEBUI), str(PORT)], check=True)
+    try:
+        yield models
+    finally:
+        call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+        subprocess.run(["bash", str(KIT / "stop.sh"), str(WEBUI)], check=False)
+        for path in set(models.iterdir()) - before:
+            path.unlink()
+
+
+@pytest.fixture
+def page(webui):
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        tab = browser.new_page(viewport={"width": 1400, "height": 1100})
+        tab.set_default_timeout(120_000)
+        tab.goto(URL, wait_until="load")  # not "networkidle": offline, the page's font link never answers
+        tab.wait_for_selector("#txt2img_generate")
+        yield tab
+        browser.close()
+
+
+def open_merge_lab(page) -> None:
+    page.locator("#tabs > .tab-nav button", has_text="Merge Lab").click()
+    page.locator("#merge_lab_refresh").click()  # titles gain their hash once the webui has hashed a file
+    page.wait_for_timeout(1500)
+
+
+def pick(page, elem_id: str, text: str) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    box.fill(text)
+    page.locator(f"#{elem_id} ul.options li", has_text=text).first.click()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    number = page.locator(f"#{elem_id} input[type=number]")
+    number.fill(str(value))
+    number.press("Enter")
+
+
+def shot(page, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / name))
+
+
+class ProgressWatcher(threading.Thread):
+    """Polls /sdapi/v1/progress and keeps every state seen while a merge job ran."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.seen: list[dict] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.3):
+            _, answer = call("/sdapi/v1/progress?skip_current_image=true")
+            if answer["state"]["job"] == "merge-lab":
+                self.seen.append({"progress": answer["progress"], **answer["state"]})
+
+
+def test_the_extension_loaded_without_errors(webui):
+    log = (WEBUI / "webui.log").read_text(errors="replace")
+    assert not [line for line in log.splitlines() if "Error" in line and "merge" in line.lower()]
+    status, models = call("/merge-lab/v1/models")
+    assert status == 200
+    assert {entry["name"].split(" [")[0]: entry["architecture"] for entry in models}["rand_a.safetensors"] == "SD1"
+
+
+def test_merge_and_open_txt2img_then_generate_with_the_merged_model(page, webui):
+    open_merge_lab(page)
+    pick(page, "merge_lab_primary", "rand_a")
+    pick(page, "merge_lab_secondary", "rand_b")
+    page.locator("#merge_lab_custom_name textarea").fill(MERGED)
+    page.locator("#merge_lab_save_as_half input").check()
+    page.wait_for_function(
+        "n => document.querySelector('#merge_lab_preflight textarea').value.includes(n + '.safetensors')", arg=MERGED
+    )
+    assert page.locator("#merge_lab_load input").is_checked()  # "Load merged model now" is on by default
+    shot(page, "webui-merge-lab-tab.png")
+
+    watcher = ProgressWatcher()
+    watcher.start()
+    page.locator("#merge_lab_merge_open").click()
+    page.locator("#merge_lab_result .merge-lab-done").last.wait_for(timeout=900_000)
+    watcher.stop.set()
+    result = page.locator("#merge_lab_result").last.inner_text()
+    assert f"Saved and loaded: {MERGED}.safetensors [" in result
+
+    path = webui / f"{MERGED}.safetensors"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest in result
+    # The writer's hash seeded the webui's cache: the webui never read the new file to hash it.
+    assert f"Calculating sha256 for {path}" not in (WEBUI / "webui.log").read_text(errors="replace")
+    # The webui's progress API saw the merge as a job with steps.
+    assert watcher.seen and max(state["sampling_steps"] for state in watcher.seen) > 1000
+
+    # Merge & open txt2img: the txt2img tab is shown, the top dropdown and the server agree.
+    page.wait_for_selector("#tab_txt2img", state="visible")
+    title = f"{MERGED}.safetensors [{digest[:10]}]"
+    page.wait_for_function(
+        "t => document.querySelector('#setting_sd_model_checkpoint input').value === t", arg=title, timeout=60_000
+    )
+    assert call("/sdapi/v1/options")[1]["sd_model_checkpoint"] == title
+    top_choices = page.locator("#setting_sd_model_checkpoint input")
+    top_choices.click()
+    assert page.locator("#setting_sd_model_checkpoint ul.options li", has_text=MERGED).count() == 1
+    page.keyboard.press("Escape")
+
+    page.locator("#txt2img_prompt textarea").fill("a photo of a cat")
+    set_number(page, "txt2img_width", 64)
+    set_number(page, "txt2img_height", 64)
+    set_number(page, "txt2img_steps", 2)
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(
+        "n => document.querySelector('#html_info_txt2img')?.innerText.includes('Model: ' + n)", arg=MERGED,
+        timeout=900_000,
+    )  # fmt: skip
+    info = page.locator("#html_info_txt2img").last.inner_text()
+    assert f"Model hash: {digest[:10]}" in info and f"Model: {MERGED}" in info
+    shot(page, "webui-txt2img-after-merge.png")
+
+
+def test_cancel_stops_a_running_merge_and_leaves_no_file(page, webui):
+    open_merge_lab(page)
+    pick(page, "merge_lab_primary", "rand_a")
+    pick(page, "merge_lab_secondary", "rand_b")
+    page.locator("#merge_lab_custom_name textarea").fill(f"{MERGED}_cancelled")
+    before = sorted(p.name for p in webui.iterdir())
+    page.locator("#merge_lab_merge").click()
+    page.wait_for_selector("#tab_merge_lab .progressDiv")  # the webui's own progress bar, beside the result
+    page.locator("#merge_lab_cancel").click()
+    error = page.locator("#merge_lab_result .merge-lab-error").last
+    error.wait_for(timeout=300_000)
+    assert "cancel" in error.inner_text().lower()
+    assert sorted(p.name for p in webui.iterdir()) == before
+
+
+def test_api_merges_refuses_bad_input_and_honours_the_inpainting_rule(webui):
+    body = {"primary_model_name": "rand_inpaint.safetensors", "secondary_model_name": "rand_b.safetensors"}
+    status, answer = call("/merge-lab/v1/merge", {**body, "custom_name": f"{MERGED}_inpaint", "multiplier": 0.5})
+    assert status == 200, answer
+    assert answer["title"].startswith(f"{MERGED}_inpaint.safetensors [") and not answer["loaded"]
+
+    status, answer = call("/merge-lab/v1/merge", {**body, "custom_name": f"{MERGED}_inpaint"})
+    assert status == 409 and "already exists" in answer["detail"]
+    reverse = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_inpaint.safetensors"}
+    status, answer = call("/merge-lab/v1/merge", reverse)
+    assert status == 409 and "inpainting" in answer["detail"].lower()
+    status, answer = call("/merge-lab/v1/merge", {"primary_model_name": "no-such-model"})
+    assert 400 <= status < 500 and "no-such-model" in json.dumps(answer)

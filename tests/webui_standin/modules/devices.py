@@ -1,0 +1,11 @@
+"""modules/devices.py: the device the webui generates on, and torch_gc."""
+
+import torch
+
+device = torch.device("cpu")
+gc_calls = 0
+
+
+def torch_gc():
+    global gc_calls
+    gc_calls += 1
