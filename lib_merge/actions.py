@@ -59,9 +59,12 @@ def request_from_fields(fields: Mapping[str, Any]) -> tuple[MergeRequest, bool]:
 
 
 def preflight_report(host: AppHost, request: MergeRequest) -> tuple[bool, str]:
-    """Whether the merge can run, and the preflight report (or the reason it cannot even be planned)."""
+    """Whether the merge can run, and the preflight report (or the reason it cannot even be planned).
+
+    Headers only: the inputs are not hashed here (seconds per GB), the merge does that.
+    """
     try:
-        plan = make_plan(request, host)
+        plan = make_plan(request, host, hash_inputs=False)
     except MergeError as err:
         return False, f"Refused: {err}"
     try:

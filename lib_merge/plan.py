@@ -117,8 +117,12 @@ class Plan:
             self.vae.close()
 
 
-def make_plan(request: MergeRequest, host: Host) -> Plan:
-    """Open the inputs and work out the whole merge; problems are collected, not raised."""
+def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True) -> Plan:
+    """Open the inputs and work out the whole merge; problems are collected, not raised.
+
+    ``hash_inputs=False`` is for a preflight that is shown, never run: it reads headers only,
+    leaving the recipe's input hashes (a full read of every input) to the merge itself.
+    """
     method = get_method(request.interp_method)
     checkpoints = _resolve_inputs(request, method, host)
     sources: dict[str, Source] = {}
@@ -127,7 +131,7 @@ def make_plan(request: MergeRequest, host: Host) -> Plan:
         for role, checkpoint in checkpoints.items():
             sources[role] = Source(role, checkpoint, open_checkpoint(checkpoint.path))
         vae = _open_vae(request, host)
-        return _plan(request, method, host, sources, vae)
+        return _plan(request, method, host, sources, vae, hash_inputs)
     except BaseException:
         for source in sources.values():
             source.reader.close()
@@ -163,7 +167,7 @@ def _open_vae(request: MergeRequest, host: Host) -> CheckpointReader | None:
     return open_checkpoint(path)
 
 
-def _plan(request, method, host, sources, vae) -> Plan:
+def _plan(request, method, host, sources, vae, hash_inputs) -> Plan:
     discard = _discard_pattern(request.discard_weights)
     a = sources["A"].reader
     b = sources["B"].reader if "B" in sources else None
@@ -189,7 +193,7 @@ def _plan(request, method, host, sources, vae) -> Plan:
     only_a = [k for k in a.keys() if b is not None and k not in b]
     only_b = [k for k in b.keys() if k not in a] if b is not None else []
     _check_families(sources, problems)
-    inputs = [_input_checkpoint(request, host, s) for s in sources.values()]
+    inputs = [_input_checkpoint(request, host, s, hash_inputs) for s in sources.values()]
     output = _output_path(request, method, host, sources, variant)
     config = meta.config_to_copy(
         request.config_source, *[s.checkpoint for s in sources.values()], *[None] * (3 - len(sources))
@@ -295,8 +299,8 @@ def _check_families(sources: dict[str, Source], problems: list) -> None:
         problems.insert(0, IncompatibleModelsError(f"the models are different architectures ({which}){detail}"))
 
 
-def _input_checkpoint(request: MergeRequest, host: Host, source: Source) -> meta.InputCheckpoint:
-    wants_hash = request.save_metadata and request.add_merge_recipe
+def _input_checkpoint(request: MergeRequest, host: Host, source: Source, hash_inputs: bool) -> meta.InputCheckpoint:
+    wants_hash = hash_inputs and request.save_metadata and request.add_merge_recipe
     sha256 = host.sha256(source.checkpoint) if wants_hash else None
     return meta.InputCheckpoint(source.checkpoint, sha256, source.reader.metadata)
 

@@ -92,3 +92,14 @@ def test_read_metadata_merges_the_picks_later_ones_winning(host, models):
     make(models / "m2.safetensors", seed=6, metadata={"author": "two"})
     merged = json.loads(actions.read_metadata(host, ["m1.safetensors", "m2.safetensors", ""]))
     assert merged == {"author": "two", "ss_steps": "10"}
+
+
+def test_preflight_reads_headers_only_and_leaves_hashing_to_the_merge(host, monkeypatch):
+    hashed = []
+    real_sha256 = host.sha256
+    monkeypatch.setattr(host, "sha256", lambda checkpoint: hashed.append(checkpoint.name) or real_sha256(checkpoint))
+    request, _ = actions.request_from_fields(fields())
+    assert actions.preflight_report(host, request)[0]
+    assert hashed == []  # an SDXL input is 7 GB: a preflight on every pick must not read it whole
+    actions.run_merge(host, request, load=False)
+    assert sorted(hashed) == ["a.safetensors", "b.safetensors"]  # the recipe's input hashes

@@ -116,7 +116,10 @@ class ProgressWatcher(threading.Thread):
 
     def run(self):
         while not self.stop.wait(0.3):
-            _, answer = call("/sdapi/v1/progress?skip_current_image=true")
+            try:
+                _, answer = call("/sdapi/v1/progress?skip_current_image=true")
+            except OSError:
+                continue  # the webui is busy or stopping; the next poll tells
             if answer["state"]["job"] == "merge-lab":
                 self.seen.append({"progress": answer["progress"], **answer["state"]})
 
@@ -144,7 +147,8 @@ def test_merge_and_open_txt2img_then_generate_with_the_merged_model(page, webui)
     watcher = ProgressWatcher()
     watcher.start()
     page.locator("#merge_lab_merge_open").click()
-    page.locator("#merge_lab_result .merge-lab-done").last.wait_for(timeout=900_000)
+    # attached, not visible: "Merge & open txt2img" has switched to the txt2img tab by then
+    page.locator("#merge_lab_result .merge-lab-done").last.wait_for(state="attached", timeout=900_000)
     watcher.stop.set()
     result = page.locator("#merge_lab_result").last.inner_text()
     assert f"Saved and loaded: {MERGED}.safetensors [" in result
