@@ -206,7 +206,8 @@ def test_api_merges_refuses_bad_input_and_honours_the_inpainting_rule(webui):
     body = {"primary_model_name": "rand_inpaint.safetensors", "secondary_model_name": "rand_b.safetensors"}
     status, answer = call("/merge-lab/v1/merge", {**body, "custom_name": f"{MERGED}_inpaint", "multiplier": 0.5})
     assert status == 200, answer
-    assert answer["title"].startswith(f"{MERGED}_inpaint.safetensors [") and not answer["loaded"]
+    # like the built-in, an inpainting result gets ".inpainting" after the custom name
+    assert answer["title"].startswith(f"{MERGED}_inpaint.inpainting.safetensors [") and not answer["loaded"]
 
     status, answer = call("/merge-lab/v1/merge", {**body, "custom_name": f"{MERGED}_inpaint"})
     assert status == 409 and "already exists" in answer["detail"]
