@@ -214,5 +214,7 @@ def test_api_merges_refuses_bad_input_and_honours_the_inpainting_rule(webui):
     reverse = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_inpaint.safetensors"}
     status, answer = call("/merge-lab/v1/merge", reverse)
     assert status == 409 and "inpainting" in answer["detail"].lower()
-    status, answer = call("/merge-lab/v1/merge", {"primary_model_name": "no-such-model"})
+    status, answer = call(
+        "/merge-lab/v1/merge", {"primary_model_name": "no-such-model", "secondary_model_name": "rand_b.safetensors"}
+    )
     assert 400 <= status < 500 and "no-such-model" in json.dumps(answer)

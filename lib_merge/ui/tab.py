@@ -114,7 +114,7 @@ def build_output(host: AppHost) -> dict:
 
 
 def build_metadata() -> dict:
-    with gr.Accordion("Metadata", open=False) as accordion:
+    with gr.Accordion("Metadata", open=False, elem_id="merge_lab_metadata") as accordion:
         with gr.Row():
             save_metadata = gr.Checkbox(True, label="Save metadata", elem_id="merge_lab_save_metadata")
             add_merge_recipe = gr.Checkbox(True, label="Add merge recipe", elem_id="merge_lab_add_recipe")
