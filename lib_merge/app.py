@@ -1,7 +1,7 @@
 """Standalone Merge Lab: the webui's tab and API over a folder of checkpoints, with plain gradio.
 
 python -m lib_merge.app --models DIR [--port N]
-python -m lib_merge.app --demo [--port N]      # two small SD1.5-layout checkpoints in a temp folder
+python -m lib_merge.app --demo [--port N]      # small SD1.5-layout checkpoints A, B, C in a temp folder
 """
 
 from __future__ import annotations
