@@ -21,7 +21,9 @@ from .request import MergeRequest
 # The built-in run_modelmerger's parameters after id_task, then Merge Lab's own options.
 WEBUI_FIELDS = tuple(f.name for f in dataclasses.fields(MergeRequest))[:15]
 EXTRA_FIELDS = ("overwrite", "device")
-FIELDS = ("id_task", *WEBUI_FIELDS, *EXTRA_FIELDS, "load")
+# Every field a merge takes, in the order the tab passes them; ``load`` is not the request's own.
+REQUEST_FIELDS = (*WEBUI_FIELDS, *EXTRA_FIELDS, "load")
+FIELDS = ("id_task", *REQUEST_FIELDS)
 
 log = logging.getLogger("merge_lab")
 

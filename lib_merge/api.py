@@ -78,20 +78,12 @@ def _models(host: AppHost) -> list[dict]:
         try:
             checkpoint = host.resolve(name)
             entry["path"] = str(checkpoint.path)
-            entry["architecture"] = _architecture(checkpoint.path)
+            with open_checkpoint(checkpoint.path) as reader:
+                entry["architecture"] = arch.describe_reader(reader)
         except MergeError as err:
             entry["error"] = str(err)
         listed.append(entry)
     return listed
-
-
-def _architecture(path) -> str:
-    """SD1, SD2, SDXL... from the file's header (a pickle is loaded: the webui lists those too)."""
-    reader = open_checkpoint(path)
-    try:
-        return arch.describe(reader.keys(), lambda key: reader.spec(key).shape)
-    finally:
-        reader.close()
 
 
 def _status(err: MergeError) -> int:

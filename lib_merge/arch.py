@@ -36,6 +36,11 @@ def family_of(keys: Iterable[str]) -> str:
     return UNKNOWN
 
 
+def describe_reader(reader) -> str:
+    """``describe`` for an open checkpoint reader (anything with ``keys()`` and ``spec(key).shape``)."""
+    return describe(reader.keys(), lambda key: reader.spec(key).shape)
+
+
 def describe(keys: Iterable[str], shape_of: Callable[[str], tuple[int, ...]]) -> str:
     """The family plus its variant, e.g. 'SD1 inpainting'."""
     keys = list(keys)

@@ -139,7 +139,7 @@ def inspect_report(path: Path) -> dict:
         metadata = dict(reader.metadata)
         report = {
             "file": str(path),
-            "architecture": arch.describe(keys, lambda k: reader.spec(k).shape),
+            "architecture": arch.describe_reader(reader),
             "keys": len(keys),
             "parameters": sum(reader.spec(k).numel for k in keys),
             "dtypes": dict(dtypes.most_common()),

@@ -128,7 +128,6 @@ class FolderHost:
         self._hash_cache = Path(hash_cache) if hash_cache else _default_hash_cache()
         self._job_lock = threading.Lock()
         self._stop = threading.Event()
-        self.last_progress = None
 
     def checkpoints(self) -> list[str]:
         if not self.models_dir.is_dir():
@@ -200,14 +199,11 @@ class FolderHost:
     @contextlib.contextmanager
     def job(self, task_id: str = "") -> Iterator[None]:
         with self._job_lock:
-            self._stop.clear()
-            try:
-                yield
-            finally:
-                self._stop.clear()
+            self._stop.clear()  # a Cancel pressed before this job started is not for it
+            yield
 
     def report(self, progress) -> None:
-        self.last_progress = progress
+        pass  # a folder has no progress display; the tab and the CLI show their own
 
     def should_stop(self) -> bool:
         return self._stop.is_set()

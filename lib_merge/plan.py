@@ -51,7 +51,7 @@ class Source:
 
     @property
     def family(self) -> str:
-        return arch.describe(self.reader.keys(), lambda k: self.reader.spec(k).shape)
+        return arch.describe_reader(self.reader)
 
 
 @dataclass

@@ -59,9 +59,9 @@ class WebuiHost:
         hashes.cache("hashes")[f"checkpoint/{name}"] = {"mtime": os.path.getmtime(path), "sha256": sha256}
         hashes.dump_cache()
         sd_models.list_models()
-        for info in sd_models.checkpoints_list.values():
-            if os.path.abspath(info.filename) == os.path.abspath(path):
-                return info.title
+        info = sd_models.checkpoint_aliases.get(name)
+        if info is not None:
+            return info.title
         raise InputError(f"{path}: written, but the webui does not list it (is it outside the checkpoint folder?)")
 
     def device(self) -> str:

@@ -23,8 +23,7 @@ from ..request import CONFIG_SOURCES, FORMATS
 log = logging.getLogger("merge_lab")
 NO_VAE = "None"
 
-# The request's fields in the order the merge event receives them (after the task id).
-REQUEST_FIELDS = (*actions.WEBUI_FIELDS, "overwrite", "device", "load")
+REQUEST_FIELDS = actions.REQUEST_FIELDS  # the order the merge event receives them (after the task id)
 # The fields that change what the preflight says (the metadata ones do not).
 PREFLIGHT_INPUTS = (
     "primary_model_name", "secondary_model_name", "tertiary_model_name", "interp_method", "multiplier",
@@ -260,9 +259,9 @@ def _pre(text: str) -> str:
 
 
 def _describe(label: str) -> str:
-    found = next((m for m in METHODS.values() if m.label == label), None)
-    summary = found.doc.splitlines()[0] if found and found.doc else ""
-    return f"{summary} Inputs: {', '.join(found.inputs).upper()}." if found else ""
+    method = get_method(label)
+    summary = method.doc.splitlines()[0] if method.doc else ""
+    return f"{summary} Inputs: {', '.join(method.inputs).upper()}."
 
 
 def _page_hook(button: gr.Button, function: str, in_webui: bool) -> dict:
