@@ -1,0 +1,292 @@
+"""Per-block parameters ("block weights"): which UNet block a key belongs to, and per-block values.
+
+The block names and the comma-list order follow supermerger / sdweb-merge-block-weighted:
+``BASE, IN00.., M00, OUT00..``. ``BASE`` holds every key outside the UNet and the VAE (text
+encoders, schedule buffers, EMA); ``VAE`` holds ``first_stage_model.`` and is not in the list.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from importlib import resources
+
+from .arch import FLUX, SD1, SD2, SD3, SDXL, SDXL_REFINER
+from .errors import RequestError
+
+BASE, MIDDLE, VAE = "BASE", "M00", "VAE"
+
+# Number of input and output blocks per family. The SDXL refiner (channel_mult 1,2,4,4 with two
+# res blocks per level) has the SD1 numbering: input_blocks.0-11, output_blocks.0-11.
+_UNET_BLOCKS = {SD1: (12, 12), SD2: (12, 12), SDXL_REFINER: (12, 12), SDXL: (9, 9)}
+# Families whose UNet keys (joint_blocks, double_blocks ...) have no block map yet.
+_NO_BLOCK_MAP = (SD3, FLUX)
+
+_UNET = r"^model\.diffusion_model\."
+_INPUT = re.compile(_UNET + r"input_blocks\.(\d+)\.")
+_OUTPUT = re.compile(_UNET + r"output_blocks\.(\d+)\.")
+_MIDDLE = re.compile(_UNET + r"middle_block\.")
+_BEFORE_INPUTS = re.compile(_UNET + r"(?:time_embed|label_emb)\.")  # run before input_blocks.0
+_AFTER_OUTPUTS = re.compile(_UNET + r"out\.")  # the final norm + conv, after the last output block
+_FIRST_STAGE = re.compile(r"^first_stage_model\.")
+
+
+def _unet_blocks(family: str) -> tuple[int, int] | None:
+    """(input blocks, output blocks) of ``family``; None for SD3/Flux; RequestError for others."""
+    if family in _NO_BLOCK_MAP:
+        return None
+    if family not in _UNET_BLOCKS:
+        known = ", ".join([*_UNET_BLOCKS, *_NO_BLOCK_MAP])
+        raise RequestError(f"no block layout for model family {family!r} (known: {known})")
+    return _UNET_BLOCKS[family]
+
+
+def block_names(family: str) -> tuple[str, ...]:
+    """The blocks of ``family`` in comma-list order: SD1/SD2/SDXL refiner 26 names, SDXL 20, SD3/Flux BASE only.
+
+    An unknown family raises RequestError rather than guessing a layout.
+    """
+    counts = _unet_blocks(family)
+    if counts is None:
+        return (BASE,)
+    inputs, outputs = counts
+    return (BASE, *(f"IN{i:02d}" for i in range(inputs)), MIDDLE, *(f"OUT{i:02d}" for i in range(outputs)))
+
+
+def block_note(family: str) -> str | None:
+    """A note to show next to per-block values for families without a block map, else None."""
+    if family in _NO_BLOCK_MAP:
+        return f"{family} has no block map yet: every key uses the BASE value"
+    return None
+
+
+def block_of(key: str, family: str = SD1) -> str:
+    """The block of ``key`` in ``family`` (default SD1 numbering), from the key name alone.
+
+    ``time_embed.`` and ``label_emb.`` go to IN00 (they run before the input blocks); ``out.`` (the
+    final norm and conv) goes to the family's last output block, OUT11 or OUT08 for SDXL, which is
+    why the family is needed. For SD3 and Flux every key, VAE included, is BASE (see block_note).
+    """
+    counts = _unet_blocks(family)
+    if counts is None:
+        return BASE
+    if match := _INPUT.match(key):
+        return f"IN{int(match[1]):02d}"
+    if match := _OUTPUT.match(key):
+        return f"OUT{int(match[1]):02d}"
+    if _MIDDLE.match(key):
+        return MIDDLE
+    if _BEFORE_INPUTS.match(key):
+        return "IN00"
+    if _AFTER_OUTPUTS.match(key):
+        return f"OUT{counts[1] - 1:02d}"
+    if _FIRST_STAGE.match(key):
+        return VAE
+    return BASE
+
+
+def _settable(family: str) -> tuple[str, ...]:
+    """The names a value may be given for: the list's names, plus VAE where there is a block map."""
+    names = block_names(family)
+    return names if names == (BASE,) else (*names, VAE)
+
+
+def _text(value: float) -> str:
+    """The shortest text that reads back as exactly ``value`` (``1`` rather than ``1.0``)."""
+    text = repr(float(value))
+    return text[:-2] if text.endswith(".0") else text
+
+
+@dataclass(frozen=True)
+class BlockValues:
+    """Per-block values of one parameter: ``values`` for the blocks given, ``default`` for the rest.
+
+    ``default`` is the parameter's plain value; it also serves VAE unless VAE is given. ``values``
+    is a copy in block-list order (a plain dict, so requests holding it pickle and deepcopy).
+    """
+
+    family: str
+    default: float
+    values: Mapping[str, float] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self):
+        settable = _settable(self.family)
+        unknown = [block for block in self.values if block not in settable]
+        if unknown:
+            raise ValueError(f"{unknown} are not {self.family} blocks {settable}")
+        numbers = [float(self.default), *map(float, self.values.values())]
+        if not all(math.isfinite(number) for number in numbers):
+            raise ValueError(f"per-block values must be finite: {self.default!r}, {dict(self.values)}")
+        ordered = {block: float(self.values[block]) for block in settable if block in self.values}
+        object.__setattr__(self, "default", float(self.default))
+        object.__setattr__(self, "values", ordered)
+
+    def value(self, block: str) -> float:
+        """The value for ``block`` (a block not given, or not of this family, gets the default)."""
+        return self.values.get(block, self.default)
+
+    def value_for(self, key: str) -> float:
+        """The value for a checkpoint key."""
+        return self.value(block_of(key, self.family))
+
+    def as_list(self) -> list[float]:
+        """One value per name of ``block_names(family)``, in that order (for a chart or the comma list)."""
+        return [self.value(block) for block in block_names(self.family)]
+
+    def to_text(self) -> str:
+        """Canonical text that ``parse_blocks`` reads back as an equal BlockValues (for recipes).
+
+        The comma list when exactly the list's blocks are given, else ``BLOCK=value`` pairs; "" if none.
+        """
+        if set(self.values) == set(block_names(self.family)):
+            return ",".join(_text(value) for value in self.values.values())
+        return ",".join(f"{block}={_text(value)}" for block, value in self.values.items())
+
+
+def _number(text: str, where: str) -> float:
+    try:
+        number = float(text)
+    except ValueError:
+        raise RequestError(f"{where}: {text!r} is not a number") from None
+    if not math.isfinite(number):
+        raise RequestError(f"{where}: {text!r} is not a finite number")
+    return number
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _layout_text(family: str) -> str:
+    """E.g. 'IN00-IN11, M00, OUT00-OUT11, BASE, VAE', for error messages."""
+    counts = _unet_blocks(family)
+    if counts is None:
+        return BASE
+    inputs, outputs = counts
+    return f"IN00-IN{inputs - 1:02d}, M00, OUT00-OUT{outputs - 1:02d}, BASE, VAE"
+
+
+def _with_note(message: str, family: str) -> str:
+    note = block_note(family)
+    return f"{message}; {note}" if note else message
+
+
+def _from_list(items: list[str], family: str, where: str) -> dict[str, float]:
+    names = block_names(family)
+    if len(items) != len(names):
+        blocks = f"BASE + {len(names) - 1} blocks" if len(names) > 1 else "BASE"
+        plural = "values" if len(names) > 1 else "value"
+        message = f"{where}: expected {len(names)} {plural} for {family} ({blocks}), got {len(items)}"
+        if len(items) == len(names) - 1:
+            message += " (the first value is BASE)"
+        raise RequestError(_with_note(message, family))
+    return {name: _number(item, where) for name, item in zip(names, items, strict=True)}
+
+
+def _override(item: str, values: dict[str, float], family: str, where: str) -> None:
+    """Apply one ``PATTERN=value`` item (fnmatch glob over block names, case-insensitive) to ``values``."""
+    pattern, equals, number = item.partition("=")
+    pattern = pattern.strip().upper()
+    if not equals or not pattern:
+        raise RequestError(f"{where}: {item!r} is not BLOCK=value (e.g. IN04=0.3 or OUT*=0.7)")
+    value = _number(number.strip(), where)
+    matched = [block for block in _settable(family) if fnmatchcase(block, pattern)]
+    if not matched:
+        message = f"{where}: {pattern!r} matches no {family} block ({_layout_text(family)})"
+        raise RequestError(_with_note(message, family))
+    values.update(dict.fromkeys(matched, value))
+
+
+def _known_family(family: str, where: str) -> None:
+    try:
+        block_names(family)
+    except RequestError as error:
+        raise RequestError(f"{where}: {error}") from None
+
+
+def parse_blocks(text: str, family: str, *, param: str, default: float) -> BlockValues:
+    """Per-block values of ``param`` for ``family`` from text; errors name the field ``blocks.<param>``.
+
+    Accepts the comma list (BASE first, one number per block of ``block_names(family)``); a preset
+    name; or ``BLOCK=value`` overrides with globs (``IN04=0.3,OUT*=0.7``), applied left to right,
+    optionally after a preset (``ramp_in_out,M00=0``). Blocks not given use ``default``; blank text
+    gives no per-block values.
+    """
+    where = f"blocks.{param}"
+    _known_family(family, where)
+    default = _number(str(default), where)
+    if not text.strip():
+        return BlockValues(family, default)
+    items = [item.strip() for item in text.split(",")]
+    if "" in items:
+        raise RequestError(f"{where}: empty item {items.index('') + 1} in {text!r}")
+    if all("=" not in item for item in items) and (len(items) > 1 or _is_number(items[0])):
+        return BlockValues(family, default, _from_list(items, family, where))
+    values: dict[str, float] = {}
+    if "=" not in items[0]:
+        values.update(zip(block_names(family), _head_preset(items, family, where), strict=True))
+        items = items[1:]
+    for item in items:
+        _override(item, values, family, where)
+    return BlockValues(family, default, values)
+
+
+@functools.cache
+def _preset_table() -> dict[str, dict]:
+    text = resources.files("lib_merge").joinpath("data/block_presets.json").read_text()
+    return json.loads(text)["presets"]
+
+
+def presets() -> dict[str, dict]:
+    """The preset definitions by name: ``about``, ``BASE`` and a ``steps`` or ``line`` rule (a copy)."""
+    return copy.deepcopy(_preset_table())
+
+
+def _unet_values(spec: dict, inputs: int, outputs: int) -> list[float]:
+    """IN.., M00, OUT.. values of a preset rule."""
+    if "steps" in spec:
+        steps = spec["steps"]
+        return [steps["IN"]] * inputs + [steps[MIDDLE]] + [steps["OUT"]] * outputs
+    first, middle, last = spec["line"]
+    rising = [(first * (inputs - i) + middle * i) / inputs for i in range(inputs)]
+    falling = [(middle * (outputs - i) + last * i) / outputs for i in range(1, outputs + 1)]
+    return [*rising, middle, *falling]
+
+
+def _preset(name: str, family: str) -> list[float] | None:
+    spec = _preset_table().get(name.lower())
+    if spec is None:
+        return None
+    counts = _unet_blocks(family)
+    unet = [] if counts is None else _unet_values(spec, *counts)
+    return [float(value) for value in (spec[BASE], *unet)]
+
+
+def _head_preset(items: list[str], family: str, where: str) -> list[float]:
+    """The preset named by the first of ``items`` (the rest are overrides), or a RequestError."""
+    head = items[0]
+    values = _preset(head, family)
+    if values is not None:
+        return values
+    if _is_number(head):
+        raise RequestError(f"{where}: give either the full list of numbers or BLOCK=value items, not both")
+    what = "a preset" if len(items) > 1 else "a number or a preset"
+    raise RequestError(f"{where}: {head!r} is not {what} ({', '.join(_preset_table())})")
+
+
+def preset_values(name: str, family: str) -> list[float]:
+    """The values of preset ``name`` (case-insensitive) in ``block_names(family)`` order."""
+    values = _preset(name, family)
+    if values is None:
+        raise RequestError(f"unknown block preset {name!r} ({', '.join(_preset_table())})")
+    return values
