@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import signal
 import sys
@@ -10,12 +11,14 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from . import arch
+from . import arch, cli_recipes
 from .engine import Progress
-from .errors import MergeError
+from .errors import MergeError, RequestError
 from .host import FolderHost
+from .io.metadata import BUILTIN_METHODS
 from .io.readers import open_checkpoint
 from .methods import METHODS, get_method
+from .recipe import MergeNode, ModelRef, dump_recipe
 from .request import MergeRequest
 
 CONFIG_CHOICES = {"abc": 0, "b": 1, "c": 2, "none": 3}
@@ -51,9 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     merge = commands.add_parser("merge", help="merge checkpoints into a new file")
-    merge.add_argument("models", nargs="+", metavar="MODEL", help="PRIMARY [SECONDARY [TERTIARY]]")
+    merge.add_argument(
+        "models", nargs="+", metavar="MODEL", help="the method's inputs in order (a quoted glob expands)"
+    )
     merge.add_argument("--method", default="weighted-sum", choices=[m.cli_name for m in METHODS.values()])
     merge.add_argument("--alpha", type=float, help="the multiplier M (default: the method's own)")
+    merge.add_argument("--base", help="the base model of task-vector methods (task-arithmetic, ties, dare ...)")
+    merge.add_argument(
+        "--set", action="append", default=[], metavar="PARAM=VALUE", help="a method parameter (repeatable)"
+    )
+    merge.add_argument(
+        "--blocks",
+        action="append",
+        default=[],
+        metavar="PARAM=LIST",
+        help="a parameter per block: BASE,IN00,...,OUT11 values, IN04=0.3,OUT*=0.7 overrides, or a preset name",
+    )
     merge.add_argument("-o", "--output", required=True, type=Path, help="output file: .safetensors or .ckpt")
     merge.add_argument("--half", action="store_true", help="save float32 results as float16")
     merge.add_argument("--vae", help="VAE file to bake in")
@@ -76,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=run_inspect)
 
+    cli_recipes.add_commands(commands, run_request)
+
     bench = commands.add_parser("bench", help="time this engine against the I/O floor and a load-everything merge")
     from .bench import add_arguments
 
@@ -90,32 +108,78 @@ def build_parser() -> argparse.ArgumentParser:
 
 def request_from_args(args) -> MergeRequest:
     method = get_method(args.method)
-    if len(args.models) > len(method.inputs):
-        raise MergeError(f"--method {method.cli_name} takes {len(method.inputs)} model(s), got {len(args.models)}")
-    names = [*args.models, "", ""][:3]
-    alpha = args.alpha if args.alpha is not None else next(iter(method.params.values()), 0.0)
-    return MergeRequest(
-        *names,
-        interp_method=method.label,
-        multiplier=alpha,
-        save_as_half=args.half,
-        checkpoint_format="ckpt" if args.output.suffix.lower() in (".ckpt", ".pt") else "safetensors",
-        config_source=CONFIG_CHOICES[args.config_source],
-        bake_in_vae=args.vae or "None",
-        discard_weights=args.discard,
-        save_metadata=not args.no_metadata,
-        metadata_json=args.metadata_json,
-        overwrite=args.overwrite,
-        device=args.device,
-        output_path=str(args.output),
-    )
+    models = _expand_globs(args.models)
+    if args.base:
+        if method.inputs[0] != "base":
+            raise RequestError(
+                f"--base: method {method.cli_name} has no base input (its inputs: {method.inputs_text()})"
+            )
+        models = [args.base, *models]
+    params = dict(_pairs(args.set, "--set"))
+    if args.alpha is not None:
+        if method.params and "alpha" not in method.params:
+            raise RequestError(
+                f"--alpha: method {method.cli_name} has no alpha; use --set ({', '.join(method.params)})"
+            )
+        params["alpha"] = args.alpha
+    block_texts = dict(_pairs(args.blocks, "--blocks"))
+    options = {
+        "save_as_half": args.half,
+        "checkpoint_format": "ckpt" if args.output.suffix.lower() in (".ckpt", ".pt") else "safetensors",
+        "config_source": CONFIG_CHOICES[args.config_source],
+        "bake_in_vae": args.vae or "None",
+        "discard_weights": args.discard,
+        "save_metadata": not args.no_metadata,
+        "metadata_json": args.metadata_json,
+        "overwrite": args.overwrite,
+        "device": args.device,
+        "output_path": str(args.output),
+    }
+    builtin = method.name in BUILTIN_METHODS and not block_texts and set(params) <= {"alpha"} and len(models) <= 3
+    if builtin:
+        if len(models) > len(method.inputs):
+            method.check_input_count(len(models))
+        alpha = params.get("alpha", method.params["alpha"].default if "alpha" in method.params else 0.0)
+        names = [*models, "", ""][:3]
+        return MergeRequest(*names, interp_method=method.label, multiplier=alpha, **options)
+    tree = MergeNode(method.name, tuple(ModelRef(m) for m in models), params, block_texts)
+    return MergeRequest(models[0], tree=tree, **options)
+
+
+def _pairs(items: list[str], option: str) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise RequestError(f"{option}: expected NAME=VALUE, got {item!r}")
+        pairs.append((name.strip(), value.strip()))
+    return pairs
+
+
+def _expand_globs(models: list[str]) -> list[str]:
+    """A quoted pattern like 'run/step-*.safetensors' becomes its files, in name order."""
+    expanded = []
+    for model in models:
+        if glob.has_magic(model) and not Path(model).exists():
+            matches = sorted(glob.glob(model))
+            if not matches:
+                raise RequestError(f"{model}: no file matches this pattern")
+            expanded += matches
+        else:
+            expanded.append(model)
+    return expanded
 
 
 def run_merge(args) -> int:
-    from . import make_plan, merge
-
     request = request_from_args(args)
     host = FolderHost(args.output.parent if str(args.output.parent) else Path("."), device=args.device)
+    return run_request(request, host, args)
+
+
+def run_request(request: MergeRequest, host: FolderHost, args) -> int:
+    """Merge (or with --dry-run only preflight) and print the output path and its sha256."""
+    from . import make_plan, merge
+
     if args.dry_run:
         plan = make_plan(request, host)
         try:
@@ -165,8 +229,13 @@ def run_inspect(args) -> int:
     print(f"Keys: {report['keys']}, parameters: {report['parameters']:,}, {report['bytes'] / 1e9:.2f} GB")
     print("Dtypes: " + ", ".join(f"{name} ({count} keys)" for name, count in report["dtypes"].items()))
     if "sd_merge_recipe" in report:
+        recipe = dict(report["sd_merge_recipe"]) if isinstance(report["sd_merge_recipe"], dict) else {}
+        lab_recipe = recipe.pop("merge_lab_recipe", None)
         print("Merge recipe (sd_merge_recipe):")
-        print(json.dumps(report["sd_merge_recipe"], indent=2))
+        print(json.dumps(recipe or report["sd_merge_recipe"], indent=2))
+        if lab_recipe:
+            print("Merge Lab recipe (replay with: python -m lib_merge replay FILE -o NEW):")
+            print(dump_recipe(lab_recipe).rstrip())
     else:
         print("Merge recipe: none in the metadata")
     if "sd_merge_models" in report:

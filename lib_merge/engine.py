@@ -20,6 +20,7 @@ import torch
 from .errors import CancelledError, RequestError
 from .io.writer import CkptWriter, SafetensorsWriter
 from .plan import Job, Plan
+from .steps import Step
 
 CHUNK_ELEMENTS = 1 << 18  # float64 scratch per input: 2 MiB, stays in cache-friendly sizes
 
@@ -105,9 +106,8 @@ def _prefetch(plan: Plan, job: Job) -> None:
     if job.kind == "vae":
         plan.vae.prefetch(_vae_key(job.key))
         return
-    for role in job.inputs if job.kind == "merge" else ("A",):
-        if role is not None:
-            plan.reader(role).prefetch(job.key)
+    for role in dict.fromkeys(job.step.roles()) if job.step else ("A",):
+        plan.reader(role).prefetch(job.key)
 
 
 def _vae_key(key: str) -> str:
@@ -139,11 +139,9 @@ class _Compute:
     def __init__(self, plan: Plan, device: torch.device):
         self.plan = plan
         self.device = device
-        self.work_dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.params = {name: plan.request.multiplier for name in plan.method.params}
         self.notes: list[str] = []
         self._note = ""
-        self._scratch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32, work dtype) per input
+        self._scratch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32, float64) per input
 
     def pop_note(self) -> str:
         note, self._note = self._note, ""
@@ -151,9 +149,10 @@ class _Compute:
 
     def output(self, job: Job, buffers: _BufferPool) -> tuple[torch.Tensor, Callable[[], None] | None]:
         """The tensor to write for ``job``, and what to call once it is written."""
-        source = self._source(job)
-        if job.kind != "merge" and source.dtype == job.spec.dtype:
-            return source, None  # a view of the input's pages: written without a copy
+        if job.kind != "merge":
+            source = self._source(job)
+            if source.dtype == job.spec.dtype:
+                return source, None  # a view of the input's pages: written without a copy
         out, release = buffers.take(job.spec)
         if job.kind != "merge":
             out.copy_(source)  # the built-in's to_half: one rounding
@@ -167,35 +166,52 @@ class _Compute:
         return self.plan.reader("A")[job.key]
 
     def _merge(self, job: Job, out: torch.Tensor) -> None:
-        inputs = [self.plan.reader(role)[job.key] if role else None for role in job.inputs]
-        if job.variant:
-            # Inpainting / pix2pix: A's extra input channels are kept, the first 4 merged.
-            out.copy_(inputs[0])
-            inputs[0] = inputs[0][:, : inputs[1].shape[1]]
-            out = out[:, : inputs[1].shape[1]]
         if self.device.type != "cpu":
             try:
-                return self._on_device(inputs, out)
+                return self._on_device(job, out)
             except torch.OutOfMemoryError:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 self._note = f"{job.key}: out of {self.device.type} memory, computed on the CPU"
                 self.notes.append(self._note)
-        if self.plan.method.elementwise and out.is_contiguous() and all(t is None or t.is_contiguous() for t in inputs):
-            self._chunked(inputs, out)
+        if job.step.flat:
+            self._chunked(job, out)
         else:
-            out.copy_(self._call([t.to(self.work_dtype) if t is not None else None for t in inputs]))
+            out.copy_(self._evaluate(job.step, job.key, torch.device("cpu")))
 
-    def _call(self, args: list[torch.Tensor | None]) -> torch.Tensor:
-        return self.plan.method.func(*args, **self.params)
+    def _on_device(self, job: Job, out: torch.Tensor) -> None:
+        out.copy_(self._evaluate(job.step, job.key, self.device))
 
-    def _on_device(self, inputs: list, out: torch.Tensor) -> None:
-        args = [t.to(self.device).to(self.work_dtype) if t is not None else None for t in inputs]
-        out.copy_(self._call(args).to(out.dtype))
+    def _evaluate(self, step: Step, key: str, device: torch.device) -> torch.Tensor:
+        """The step on whole tensors: fresh copies of the inputs in the work dtype, nested steps first."""
+        dtype = self._work_dtype(step, device)
+        args = [None if arg is None else self._value(arg, key, device, dtype) for arg in step.args]
+        if step.variant:
+            # Inpainting / pix2pix: the primary's extra input channels are kept, the first 4 merged.
+            whole = args[0]
+            channels = next(arg.shape[1] for arg in args[1:] if arg is not None)
+            args[0] = whole[:, :channels]
+            whole[:, :channels] = self._call(step, args, key)
+            return whole
+        return self._call(step, args, key)
 
-    def _chunked(self, inputs: list, out: torch.Tensor) -> None:
+    def _value(self, arg: str | Step, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if isinstance(arg, Step):
+            return self._evaluate(arg, key, device).to(dtype)
+        tensor = self.plan.reader(arg)[key]
+        return torch.empty(tensor.shape, dtype=dtype, device=device).copy_(tensor)
+
+    def _work_dtype(self, step: Step, device: torch.device) -> torch.dtype:
+        return torch.float32 if step.method.float32 or device.type == "mps" else torch.float64
+
+    @staticmethod
+    def _call(step: Step, args: list, key: str) -> torch.Tensor:
+        extra = {"key": key} if step.method.keyed else {}
+        return step.method.func(*args, **step.params, **extra)
+
+    def _chunked(self, job: Job, out: torch.Tensor) -> None:
         """Slice by slice through float64 scratch, so no full-size float copy is ever made."""
-        flat_in = [t.reshape(-1) if t is not None else None for t in inputs]
+        flat_in = [None if role is None else self.plan.reader(role)[job.key].reshape(-1) for role in job.step.args]
         flat_out = out.view(-1)
         total = flat_out.numel()
         step = min(CHUNK_ELEMENTS, max(total, 1))
@@ -205,17 +221,17 @@ class _Compute:
                 None if tensor is None else self._widen(tensor[start:stop], index)
                 for index, tensor in enumerate(flat_in)
             ]
-            flat_out[start:stop].copy_(self._call(args))
+            flat_out[start:stop].copy_(self._call(job.step, args, job.key))
 
     def _widen(self, piece: torch.Tensor, index: int) -> torch.Tensor:
-        """An exact float64 (or float32 on MPS) copy of ``piece`` in scratch owned by input ``index``.
+        """An exact float64 copy of ``piece`` in scratch owned by input ``index``.
 
         16-bit floats go through float32 first: both steps are exact, and torch's direct
         half -> double conversion is not vectorised (about 4x slower on the CPU).
         """
         while len(self._scratch) <= index:
-            self._scratch.append((torch.empty(CHUNK_ELEMENTS), torch.empty(CHUNK_ELEMENTS, dtype=self.work_dtype)))
+            self._scratch.append((torch.empty(CHUNK_ELEMENTS), torch.empty(CHUNK_ELEMENTS, dtype=torch.float64)))
         narrow, wide = (buffer[: piece.numel()] for buffer in self._scratch[index])
-        if piece.dtype in (torch.float16, torch.bfloat16) and wide.dtype == torch.float64:
+        if piece.dtype in (torch.float16, torch.bfloat16):
             return wide.copy_(narrow.copy_(piece))
         return wide.copy_(piece)

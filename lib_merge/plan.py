@@ -15,19 +15,17 @@ from pathlib import Path
 
 import torch
 
-from . import arch
-from .channels import channel_merge
-from .errors import IncompatibleModelsError, MergeError, OutputError, RequestError
+from . import arch, blocks
+from .errors import IncompatibleModelsError, InputError, MergeError, OutputError, RequestError
 from .host import Checkpoint, Host
 from .io import metadata as meta
 from .io.readers import CheckpointReader, SafetensorsReader, TensorSpec, open_checkpoint
 from .io.writer import safetensors_header
 from .methods import Method, get_method
+from .recipe import MergeNode, ModelRef
 from .request import MergeRequest
+from .steps import Step, Tree
 
-# The built-in never merges this key (modules/extras.py, checkpoint_dict_skip_on_merge).
-SKIP_ON_MERGE = "cond_stage_model.transformer.text_model.embeddings.position_ids"
-ROLES = ("A", "B", "C")
 # Keys the webui drops from a VAE file before baking it in (modules/sd_vae.py, load_vae_dict).
 VAE_IGNORED = ("model_ema.decay", "model_ema.num_updates")
 
@@ -39,8 +37,7 @@ class Job:
     key: str
     kind: str
     spec: TensorSpec
-    inputs: tuple[str | None, ...] = ()  # for merge: per method input, the role holding the key or None
-    variant: str | None = None  # merge only the first 4 input channels of A (inpainting / pix2pix)
+    step: Step | None = None  # for merge: what computes it
 
 
 @dataclass
@@ -57,7 +54,8 @@ class Source:
 @dataclass
 class Plan:
     request: MergeRequest
-    method: Method
+    tree: MergeNode  # as merged: the models chosen, their hashes filled in when computed
+    roles: dict[str, str]  # model name in the tree -> role (A, B, C ...)
     sources: dict[str, Source]
     vae: CheckpointReader | None
     jobs: list[Job]
@@ -87,9 +85,13 @@ class Plan:
     def reader(self, role: str) -> CheckpointReader:
         return self.sources[role].reader
 
+    @property
+    def method(self) -> Method:
+        return get_method(self.tree.method)
+
     def report(self) -> str:
         """The preflight report, plain text, one fact per line."""
-        lines = [f"Method: {self.method.label} (multiplier {self.request.multiplier})"]
+        lines = [f"Method: {_describe(self.tree, self.roles)}"]
         for role, source in self.sources.items():
             reader = source.reader
             dtypes = sorted({str(reader.spec(k).dtype).replace("torch.", "") for k in reader.keys()})
@@ -97,9 +99,10 @@ class Plan:
                 f"{role}: {source.checkpoint.name}: {source.family}, {len(reader)} keys, "
                 f"{', '.join(dtypes)}, {_size(reader.nbytes)}"
             )
-        if "B" in self.sources:
+        if len(self.sources) > 1:
+            others = "B" if len(self.sources) == 2 else "the other inputs"
             lines.append(f"Keys only in A (copied): {_some(self.keys_only_in_a)}")
-            lines.append(f"Keys only in B (dropped): {_some(self.keys_only_in_b)}")
+            lines.append(f"Keys only in {others} (dropped): {_some(self.keys_only_in_b)}")
         if self.variant:
             lines.append(f"A is an {self.variant} model: its first 4 input channels are merged, the rest kept")
         merged = sum(job.kind == "merge" for job in self.jobs)
@@ -123,15 +126,20 @@ def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True) ->
     ``hash_inputs=False`` is for a preflight that is shown, never run: it reads headers only,
     leaving the recipe's input hashes (a full read of every input) to the merge itself.
     """
-    method = get_method(request.interp_method)
-    checkpoints = _resolve_inputs(request, method, host)
+    if request.tree is None:
+        _check_builtin_inputs(request)
+    tree = request.root()
+    tree.validate()
+    checkpoints = {ref.name: host.resolve(ref.name) for ref in tree.models()}
+    tree = _choose(tree, checkpoints)
+    roles = _roles(tree)
     sources: dict[str, Source] = {}
     vae = None
     try:
-        for role, checkpoint in checkpoints.items():
-            sources[role] = Source(role, checkpoint, open_checkpoint(checkpoint.path))
+        for name, role in roles.items():
+            sources[role] = Source(role, checkpoints[name], open_checkpoint(checkpoints[name].path))
         vae = _open_vae(request, host)
-        return _plan(request, method, host, sources, vae, hash_inputs)
+        return _plan(request, tree, roles, host, sources, vae, hash_inputs)
     except BaseException:
         for source in sources.values():
             source.reader.close()
@@ -140,21 +148,44 @@ def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True) ->
         raise
 
 
-def _resolve_inputs(request: MergeRequest, method: Method, host: Host) -> dict[str, Checkpoint]:
-    """The built-in's checks, in its order and words."""
-    names = {
-        "A": request.primary_model_name,
-        "B": request.secondary_model_name,
-        "C": request.tertiary_model_name,
-    }
-    if not names["A"]:
+def _check_builtin_inputs(request: MergeRequest) -> None:
+    """The built-in's checks of its three model fields, in its order and words."""
+    method = get_method(request.interp_method)
+    if not request.primary_model_name:
         raise RequestError("Failed: Merging requires a primary model.")
-    if "b" in method.inputs and not names["B"]:
+    if "b" in method.inputs and not request.secondary_model_name:
         raise RequestError("Failed: Merging requires a secondary model.")
-    if "c" in method.inputs and not names["C"]:
+    if "c" in method.inputs and not request.tertiary_model_name:
         raise RequestError(f"Failed: Interpolation method ({method.label}) requires a tertiary model.")
-    roles = ROLES[: len(method.inputs)]
-    return {role: host.resolve(names[role]) for role in roles}
+
+
+def _choose(node: MergeNode, checkpoints: dict[str, Checkpoint]) -> MergeNode:
+    """The tree with each choosing method's inputs narrowed to the models it picks (average_last)."""
+    inputs = tuple(_choose(i, checkpoints) if isinstance(i, MergeNode) else i for i in node.inputs)
+    method = get_method(node.method)
+    if method.choose is not None and all(isinstance(i, ModelRef) for i in inputs):
+        params = method.check_params(node.params)
+        by_path = {checkpoints[ref.name].path: ref for ref in inputs}
+        inputs = tuple(by_path[path] for path in method.choose(list(by_path), params))
+    return MergeNode(node.method, inputs, node.params, node.blocks)
+
+
+def _roles(tree: MergeNode) -> dict[str, str]:
+    """Model name -> role: A, B, C ... in order of first use; a model used twice is read once."""
+    names = list(dict.fromkeys(ref.name for ref in tree.models()))
+    return {name: chr(ord("A") + i) if i < 26 else f"M{i + 1}" for i, name in enumerate(names)}
+
+
+def _bind(node: MergeNode, roles: dict[str, str], family: str) -> Tree:
+    """The node with models as roles, parameters checked and block values parsed for ``family``."""
+    method = get_method(node.method)
+    repeated = len(node.inputs) - len(method.inputs) + 1 if method.variadic else None
+    params = method.check_params(node.params, repeated)
+    block_values = {
+        name: blocks.parse_blocks(text, family, param=name, default=params[name]) for name, text in node.blocks.items()
+    }
+    inputs = [_bind(i, roles, family) if isinstance(i, MergeNode) else roles[i.name] for i in node.inputs]
+    return Tree(method, inputs, params, block_values)
 
 
 def _open_vae(request: MergeRequest, host: Host) -> CheckpointReader | None:
@@ -167,14 +198,15 @@ def _open_vae(request: MergeRequest, host: Host) -> CheckpointReader | None:
     return open_checkpoint(path)
 
 
-def _plan(request, method, host, sources, vae, hash_inputs) -> Plan:
+def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     discard = _discard_pattern(request.discard_weights)
-    a = sources["A"].reader
-    b = sources["B"].reader if "B" in sources else None
-    c = sources["C"].reader if "C" in sources else None
+    readers = {role: source.reader for role, source in sources.items()}
+    a = readers["A"]
+    family = arch.family_of(a.keys())
+    bound = _bind(tree, roles, family)
+    single = len(sources) == 1  # no interpolation: the built-in halves every float32 tensor
     vae_keys = _vae_keys(vae)
     problems: list[MergeError] = []
-    variant = None
     jobs = []
     for key in _write_order(a):
         if discard and discard.search(key):
@@ -182,73 +214,94 @@ def _plan(request, method, host, sources, vae, hash_inputs) -> Plan:
         if key in vae_keys:
             jobs.append(Job(key, "vae", _half(vae.spec(vae_keys[key]), request.save_as_half)))
             _check_vae_shape(key, a.spec(key), vae.spec(vae_keys[key]), problems)
-        elif b is not None and "model" in key and key in b and key != SKIP_ON_MERGE:
-            job = _merge_job(key, request, method, a, b, c, problems)
-            variant = variant or job.variant
-            jobs.append(job)
+            continue
+        step = bound.step(key, readers, problems)
+        if isinstance(step, Step):
+            jobs.append(Job(key, "merge", _half(TensorSpec(step.dtype, step.shape), request.save_as_half), step))
         else:
-            no_interpolation = b is None
-            jobs.append(Job(key, "copy", _half(a.spec(key), request.save_as_half and no_interpolation)))
+            jobs.append(Job(key, "copy", _half(a.spec(key), request.save_as_half and single)))
     jobs.sort(key=lambda job: -job.spec.dtype.itemsize)  # stable: keeps every tensor aligned
-    only_a = [k for k in a.keys() if b is not None and k not in b]
-    only_b = [k for k in b.keys() if k not in a] if b is not None else []
+    others = [reader for role, reader in readers.items() if role != "A"]
+    only_a = [k for k in a.keys() if others and any(k not in r for r in others)]
+    only_others = list(dict.fromkeys(k for r in others for k in r.keys() if k not in a))
+    variant = next((job.step.variant for job in jobs if job.step and job.step.variant), None)
     _check_families(sources, problems)
     inputs = [_input_checkpoint(request, host, s, hash_inputs) for s in sources.values()]
-    output = _output_path(request, method, host, sources, variant)
-    config = meta.config_to_copy(
-        request.config_source, *[s.checkpoint for s in sources.values()], *[None] * (3 - len(sources))
-    )
+    if any(ref.sha256 for ref in tree.models()):
+        _check_input_hashes(tree, roles, sources, host, hash_inputs, problems)
+    merged_tree = _as_given(tree, bound).with_hashes({name: inputs[i].sha256 for i, name in enumerate(roles)})
+    checkpoints = {name: sources[role].checkpoint for name, role in roles.items()}
+    output = _output_path(request, merged_tree, checkpoints, host, variant)
+    first_three = [s.checkpoint for s in sources.values()][:3]
+    config = meta.config_to_copy(request.config_source, *first_three, *[None] * (3 - len(first_three)))
     plan = Plan(
         request,
-        method,
+        merged_tree,
+        roles,
         sources,
         vae,
         jobs,
         output,
-        meta.build_metadata(request, inputs, variant),
+        meta.build_metadata(request, merged_tree, inputs, variant),
         variant,
         config,
         _free_bytes(output.parent),
         only_a,
-        only_b,
+        only_others,
         problems,
     )
     _check_output(plan)
-    if b is not None and not any(job.kind == "merge" for job in jobs):
-        plan.notes.append("A and B have no mergeable key in common: the output is a copy of A")
+    note = blocks.block_note(family) if _uses_blocks(tree) else None
+    if note:
+        plan.notes.append(note)
+    if not single and not any(job.kind == "merge" for job in jobs):
+        plan.notes.append("the inputs have no mergeable key in common: the output is a copy of A")
     return plan
 
 
-def _merge_job(key, request, method, a, b, c, problems) -> Job:
-    a_spec, b_spec = a.spec(key), b.spec(key)
-    variant = None
-    try:
-        variant = channel_merge(key, a_spec.shape, b_spec.shape)
-    except IncompatibleModelsError as err:
-        problems.append(err)
-    c_role = None
-    dtypes = [a_spec.dtype, b_spec.dtype]
-    if c is not None and key in c:
-        c_role = "C"
-        dtypes.append(c.spec(key).dtype)
-        if c.spec(key).shape != b_spec.shape:
-            problems.append(
-                IncompatibleModelsError(
-                    f"shape mismatch at key {key}: B has {list(b_spec.shape)}, C has {list(c.spec(key).shape)}"
+def _check_input_hashes(tree, roles, sources, host, hash_inputs, problems) -> None:
+    """A recipe names its inputs by sha256 too: a different file under the same name is refused."""
+    if not hash_inputs:
+        return  # a shown preflight reads headers only; the merge itself checks
+    for ref in tree.models():
+        if ref.sha256:
+            checkpoint = sources[roles[ref.name]].checkpoint
+            actual = host.sha256(checkpoint)
+            if actual != ref.sha256:
+                problems.insert(
+                    0,
+                    InputError(
+                        f"{checkpoint.path}: sha256 is {actual[:12]}..., but the recipe was made with "
+                        f"{ref.sha256[:12]}... ({ref.name}); this is a different file, so it is not merged"
+                    ),
                 )
-            )
-    roles = {"a": "A", "b": "B", "c": c_role}
-    dtype = a_spec.dtype if variant else _result_dtype(dtypes)
-    spec = _half(TensorSpec(dtype, a_spec.shape), request.save_as_half)
-    return Job(key, "merge", spec, tuple(roles[name] for name in method.inputs), variant)
+                return
 
 
-def _result_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
-    """Type promotion of the inputs; integers scaled by a float multiplier become float32, as in torch."""
-    result = dtypes[0]
-    for dtype in dtypes[1:]:
-        result = torch.promote_types(result, dtype)
-    return result if result.is_floating_point else torch.float32
+def _as_given(node: MergeNode, bound: Tree) -> MergeNode:
+    """The node with its given parameters as checked values and its block values spelled out, so a
+    recipe replays the same even if a preset changes."""
+    inputs = tuple(
+        _as_given(item, sub) if isinstance(item, MergeNode) else item
+        for item, sub in zip(node.inputs, bound.inputs, strict=True)
+    )
+    params = {name: bound.params[name] for name in node.params}
+    block_texts = {name: bound.blocks[name].to_text() for name in node.blocks}
+    return MergeNode(node.method, inputs, params, block_texts)
+
+
+def _uses_blocks(node: MergeNode) -> bool:
+    return bool(node.blocks) or any(_uses_blocks(i) for i in node.inputs if isinstance(i, MergeNode))
+
+
+def _describe(node: MergeNode, roles: dict[str, str]) -> str:
+    """``TIES (density 0.2, lambda 1) over A, B, C``, nested nodes in brackets."""
+    method = get_method(node.method)
+    values = method.check_params(node.params)
+    shown = [f"{name} {value:g}" for name, value in values.items() if isinstance(value, float)]
+    shown += [f"{name} per block" for name in node.blocks]
+    inputs = ", ".join(f"[{_describe(i, roles)}]" if isinstance(i, MergeNode) else roles[i.name] for i in node.inputs)
+    return f"{method.label} ({', '.join(shown)}) over {inputs}" if shown else f"{method.label} over {inputs}"
 
 
 def _half(spec: TensorSpec, enable: bool) -> TensorSpec:
@@ -305,14 +358,13 @@ def _input_checkpoint(request: MergeRequest, host: Host, source: Source, hash_in
     return meta.InputCheckpoint(source.checkpoint, sha256, source.reader.metadata)
 
 
-def _output_path(request, method, host, sources, variant) -> Path:
+def _output_path(request, tree: MergeNode, checkpoints: dict[str, Checkpoint], host, variant) -> Path:
     if request.output_path:
         path = Path(request.output_path)
         if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt"):
             raise RequestError(f"output: {path} must end in .safetensors or .ckpt")
         return path
-    checkpoints = [s.checkpoint for s in sources.values()] + [None] * (3 - len(sources))
-    stem = meta.output_stem(request, method.name, *checkpoints, variant)
+    stem = meta.output_stem(request, tree, checkpoints, variant)
     return Path(host.output_dir()) / f"{stem}.{request.checkpoint_format}"
 
 

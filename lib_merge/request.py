@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import RequestError
+from .recipe import MergeNode, ModelRef
 
 CONFIG_SOURCES = ("A, B or C", "B", "C", "Don't")
 FORMATS = ("safetensors", "ckpt")
@@ -36,6 +37,9 @@ class MergeRequest:
     device: str = "auto"
     # An exact output file (the CLI's -o); empty: the built-in's naming in the host's folder.
     output_path: str = ""
+    # A recipe tree (any method, nested, per-block parameters); None: the built-in's fields above say
+    # what to merge (primary/secondary/tertiary, interp_method, multiplier).
+    tree: MergeNode | None = None
 
     def __post_init__(self):
         source = self.config_source
@@ -57,6 +61,18 @@ class MergeRequest:
         """Build a request from ``run_modelmerger``'s positional arguments (``id_task`` is ignored)."""
         names = [f.name for f in dataclasses.fields(cls)][: len(args)]
         return cls(**dict(zip(names, args, strict=True)), **merge_lab_options)
+
+    def root(self) -> MergeNode:
+        """What to merge, as a tree: the given one, or the built-in's fields as a one-node tree."""
+        if self.tree is not None:
+            return self.tree
+        from .methods import get_method
+
+        method = get_method(self.interp_method)
+        names = [self.primary_model_name, self.secondary_model_name, self.tertiary_model_name]
+        names = [n for n in names if n] if method.variadic else names[: len(method.inputs)]
+        params = {"alpha": self.multiplier} if "alpha" in method.params else {}
+        return MergeNode(method.name, tuple(ModelRef(name) for name in names), params)
 
     @property
     def vae_name(self) -> str | None:

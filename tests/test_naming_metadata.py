@@ -95,6 +95,29 @@ def test_metadata_carries_format_recipe_and_merge_models(host, models):
         "discard_weights": "",
         "is_inpainting": False,
         "is_instruct_pix2pix": False,
+        "merge_lab_recipe": {
+            "merge_lab_recipe": 1,
+            "merge": {
+                "method": "weighted_sum",
+                "models": [
+                    {"model": "parent.safetensors", "sha256": sha_a},
+                    {"model": "b.safetensors", "sha256": sha_b},
+                ],
+                "params": {"alpha": 0.5},
+            },
+            "output": {
+                "save_as_half": False,
+                "custom_name": "child",
+                "checkpoint_format": "safetensors",
+                "config_source": 0,
+                "bake_in_vae": "None",
+                "discard_weights": "",
+                "save_metadata": True,
+                "add_merge_recipe": True,
+                "copy_metadata_fields": True,
+                "metadata_json": '{"author": "me", "n": 3}',
+            },
+        },
     }
     models_field = json.loads(metadata["sd_merge_models"])
     assert models_field[sha_a]["name"] == "parent.safetensors"

@@ -170,7 +170,7 @@ def test_disk_full_while_writing_gives_a_clear_message_and_no_temp_file(models, 
 def test_out_of_device_memory_falls_back_to_the_cpu(host, models, monkeypatch):
     """Stand-in for a GPU (none here): the device step raises torch's OutOfMemoryError for every tensor."""
 
-    def out_of_memory(self, inputs, out):
+    def out_of_memory(self, job, out):
         raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
 
     monkeypatch.setattr(engine_module._Compute, "_on_device", out_of_memory)

@@ -10,9 +10,13 @@ from pathlib import Path
 
 from ..errors import OutputError, RequestError
 from ..host import Checkpoint, legacy_hash
+from ..methods import get_method
+from ..recipe import MergeNode, ModelRef, recipe_dict
 from ..request import MergeRequest
 
 RECIPE_TYPE = "merge-lab"
+BUILTIN_METHODS = ("weighted_sum", "add_difference", "no_interpolation")
+LONGEST_NAME = 120
 
 
 @dataclass(frozen=True)
@@ -24,37 +28,54 @@ class InputCheckpoint:
     metadata: dict[str, str]
 
 
-def output_stem(
-    request: MergeRequest,
-    method_name: str,
-    a: Checkpoint,
-    b: Checkpoint | None,
-    c: Checkpoint | None,
-    variant: str | None,
-) -> str:
-    """``0.7(a) + 0.3(b)``, ``a + 1.0(b - c)`` or ``a``, or the custom name; then the variant suffix."""
-    m = request.multiplier
+def output_stem(request: MergeRequest, tree: MergeNode, checkpoints: dict[str, Checkpoint], variant: str | None) -> str:
+    """``0.7(a) + 0.3(b)``, ``a + 1.0(b - c)`` or ``a`` as the built-in names them; ``soup(a, b, c)``
+    for other methods; or the custom name. Then the variant suffix."""
+    names = [checkpoints[ref.name].model_name for ref in tree.models()]
     if request.custom_name:
         stem = request.custom_name
-    elif method_name == "weighted_sum":
-        stem = f"{round(1 - m, 2)}({a.model_name}) + {round(m, 2)}({b.model_name})"
-    elif method_name == "add_difference":
-        stem = f"{a.model_name} + {round(m, 2)}({b.model_name} - {c.model_name})"
+    elif is_builtin(tree):
+        stem = _builtin_stem(tree.method, tree.params.get("alpha", 0.0), *names, None, None)
     else:
-        stem = a.model_name
+        stem = _short(f"{tree.method}({', '.join(names)})")
     return stem + (f".{variant}" if variant else "")
 
 
-def merge_recipe(request: MergeRequest, inputs: list[InputCheckpoint], variant: str | None) -> dict:
-    """The built-in's ``sd_merge_recipe`` fields, with ``type`` naming this project."""
+def is_builtin(tree: MergeNode) -> bool:
+    """A merge the built-in could do: one of its methods over models, with no per-block values."""
+    return (
+        get_method(tree.method).name in BUILTIN_METHODS
+        and not tree.blocks
+        and all(isinstance(i, ModelRef) for i in tree.inputs)
+    )
+
+
+def _builtin_stem(method: str, m: float, a: str, b: str | None, c: str | None, *_) -> str:
+    method = get_method(method).name
+    if method == "weighted_sum":
+        return f"{round(1 - m, 2)}({a}) + {round(m, 2)}({b})"
+    if method == "add_difference":
+        return f"{a} + {round(m, 2)}({b} - {c})"
+    return a
+
+
+def _short(stem: str) -> str:
+    """File names stay well under the usual 255-byte limit."""
+    return stem if len(stem) <= LONGEST_NAME else stem[: LONGEST_NAME - 3].rstrip(", ") + "..."
+
+
+def merge_recipe(request: MergeRequest, tree: MergeNode, inputs: list[InputCheckpoint], variant: str | None) -> dict:
+    """The built-in's ``sd_merge_recipe`` fields, with ``type`` naming this project, and Merge Lab's
+    whole recipe (tree and output fields) under ``merge_lab_recipe``, from which it replays."""
     hashes = [i.sha256 for i in inputs] + [None] * (3 - len(inputs))
+    builtin_fields = request.tree is None
     return {
         "type": RECIPE_TYPE,
         "primary_model_hash": hashes[0],
         "secondary_model_hash": hashes[1],
         "tertiary_model_hash": hashes[2],
-        "interp_method": request.interp_method,
-        "multiplier": request.multiplier,
+        "interp_method": request.interp_method if builtin_fields else get_method(tree.method).label,
+        "multiplier": request.multiplier if builtin_fields else tree.params.get("alpha"),
         "save_as_half": request.save_as_half,
         "custom_name": request.custom_name,
         "config_source": request.config_source,
@@ -62,6 +83,7 @@ def merge_recipe(request: MergeRequest, inputs: list[InputCheckpoint], variant: 
         "discard_weights": request.discard_weights,
         "is_inpainting": variant == "inpainting",
         "is_instruct_pix2pix": variant == "instruct-pix2pix",
+        "merge_lab_recipe": recipe_dict(request, tree),
     }
 
 
@@ -78,7 +100,9 @@ def user_metadata(metadata_json: str) -> dict[str, str]:
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in parsed.items()}
 
 
-def build_metadata(request: MergeRequest, inputs: list[InputCheckpoint], variant: str | None) -> dict[str, str]:
+def build_metadata(
+    request: MergeRequest, tree: MergeNode, inputs: list[InputCheckpoint], variant: str | None
+) -> dict[str, str]:
     """The output's safetensors metadata; empty when the user asked for none."""
     if not request.save_metadata:
         return {}
@@ -97,7 +121,7 @@ def build_metadata(request: MergeRequest, inputs: list[InputCheckpoint], variant
                 "sd_merge_recipe": _json_field(item.metadata, "sd_merge_recipe"),
             }
             models.update(_json_field(item.metadata, "sd_merge_models") or {})
-        metadata["sd_merge_recipe"] = json.dumps(merge_recipe(request, inputs, variant))
+        metadata["sd_merge_recipe"] = json.dumps(merge_recipe(request, tree, inputs, variant))
         metadata["sd_merge_models"] = json.dumps(models)
     return metadata
 
