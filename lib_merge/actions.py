@@ -16,6 +16,7 @@ from .errors import MergeError, RequestError
 from .host import AppHost
 from .io.readers import open_checkpoint
 from .plan import make_plan
+from .recipe import parse_recipe, request_from_recipe
 from .request import MergeRequest
 
 # The built-in run_modelmerger's parameters after id_task, then Merge Lab's own options.
@@ -23,7 +24,8 @@ WEBUI_FIELDS = tuple(f.name for f in dataclasses.fields(MergeRequest))[:15]
 EXTRA_FIELDS = ("overwrite", "device")
 # Every field a merge takes, in the order the tab passes them; ``load`` is not the request's own.
 REQUEST_FIELDS = (*WEBUI_FIELDS, *EXTRA_FIELDS, "load")
-FIELDS = ("id_task", *REQUEST_FIELDS)
+# A recipe (a mapping, or its YAML / JSON text) replaces the model, method and output fields.
+FIELDS = ("id_task", *REQUEST_FIELDS, "recipe")
 
 log = logging.getLogger("merge_lab")
 
@@ -50,6 +52,8 @@ def request_from_fields(fields: Mapping[str, Any]) -> tuple[MergeRequest, bool]:
     unknown = [name for name in fields if name not in FIELDS]
     if unknown:
         raise RequestError(f"{unknown[0]}: unknown field (expected some of {', '.join(FIELDS)})")
+    if fields.get("recipe"):
+        return _request_from_recipe(fields), bool(fields.get("load", False))
     if not fields.get("primary_model_name"):
         raise RequestError("primary_model_name: pick the primary model (A)")
     values = {name: fields[name] for name in (*WEBUI_FIELDS, *EXTRA_FIELDS) if fields.get(name) is not None}
@@ -58,6 +62,14 @@ def request_from_fields(fields: Mapping[str, Any]) -> tuple[MergeRequest, bool]:
     except TypeError as err:
         raise RequestError(f"request: {err}") from None
     return request, bool(fields.get("load", False))
+
+
+def _request_from_recipe(fields: Mapping[str, Any]) -> MergeRequest:
+    recipe = fields["recipe"]
+    if isinstance(recipe, str):
+        recipe = parse_recipe(recipe, "recipe")
+    options = {name: fields[name] for name in EXTRA_FIELDS if fields.get(name) is not None}
+    return request_from_recipe(recipe, **options)
 
 
 def preflight_report(host: AppHost, request: MergeRequest) -> tuple[bool, str]:

@@ -37,6 +37,9 @@ def _body_model():
         default = defaults[name]
         fields[name] = (kind, ... if default is dataclasses.MISSING else default)
     fields["load"] = (bool, False)
+    # A recipe (as `python -m lib_merge inspect` prints it, or its JSON) instead of the model fields.
+    fields["recipe"] = (Union[dict, str, None], None)  # noqa: UP007
+    fields["primary_model_name"] = (str, "")
     return create_model("MergeBody", **fields)
 
 
@@ -65,9 +68,39 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
             "notes": outcome.notes,
         }
 
-    merge.__doc__ = f"Merge checkpoints like the built-in run_modelmerger (interp_method: {methods})."
+    merge.__doc__ = (
+        f"Merge checkpoints like the built-in run_modelmerger (interp_method: {methods}), "
+        "or what a recipe describes (the `recipe` field; see GET /merge-lab/v1/methods)."
+    )
     app.add_api_route(f"{PREFIX}/merge", merge, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/methods", method_listing, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/models", lambda: _models(host), methods=["GET"], dependencies=dependencies)
+
+
+def method_listing() -> list[dict]:
+    """Every merge method with its inputs and parameters (defaults, kinds, ranges, per-block or not)."""
+    return [
+        {
+            "name": m.name,
+            "label": m.label,
+            "inputs": list(m.inputs),
+            "min_inputs": m.min_inputs,
+            "max_inputs": m.max_inputs,
+            "params": [
+                {
+                    "name": p.name,
+                    "default": p.default,
+                    "kind": p.kind,
+                    "range": p.range_text(),
+                    "per_block": p.per_block,
+                    "help": p.help,
+                }
+                for p in m.params.values()
+            ],
+            "doc": m.doc,
+        }
+        for m in METHODS.values()
+    ]
 
 
 def _models(host: AppHost) -> list[dict]:

@@ -121,3 +121,39 @@ def test_with_credentials_the_routes_need_basic_auth(host):
     assert client.get("/merge-lab/v1/models", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
     right = base64.b64encode(b"merger:s3cret").decode()
     assert client.get("/merge-lab/v1/models", headers={"Authorization": f"Basic {right}"}).status_code == 200
+
+
+def test_methods_lists_every_registered_method_with_its_parameters(client):
+    from lib_merge.methods import METHODS
+
+    listed = client.get("/merge-lab/v1/methods").json()
+    assert [m["name"] for m in listed] == list(METHODS)
+    ties = next(m for m in listed if m["name"] == "ties")
+    density = next(p for p in ties["params"] if p["name"] == "density")
+    assert density == {**density, "default": 0.2, "range": "(0, 1]", "per_block": True}
+    assert ties["inputs"] == ["base", "models"] and ties["min_inputs"] == 2 and ties["max_inputs"] is None
+
+
+def test_merge_accepts_a_recipe_as_a_mapping_or_as_yaml_text(client, models):
+    recipe = {
+        "merge": {"method": "soup", "models": ["a.safetensors", "b.safetensors", "c.safetensors"]},
+        "output": {"custom_name": "soup3"},
+    }
+    response = client.post("/merge-lab/v1/merge", json={"recipe": recipe})
+    assert response.status_code == 200, response.text
+    merged, *parts = (
+        load(models / n) for n in ("soup3.safetensors", "a.safetensors", "b.safetensors", "c.safetensors")
+    )
+    key = "model.diffusion_model.out.2.bias"
+    assert merged[key].double().allclose(sum(p[key].double() for p in parts) / 3, atol=1e-3)
+    text = "merge:\n  method: ties\n  models: [a.safetensors, b.safetensors]\n  params: {density: 0.5}\n"
+    text += "output: {custom_name: ties1}\n"
+    assert client.post("/merge-lab/v1/merge", json={"recipe": text}).status_code == 200
+    assert (models / "ties1.safetensors").exists()
+
+
+def test_a_bad_recipe_is_a_422_naming_the_field(client, models):
+    recipe = {"merge": {"method": "ties", "models": ["a.safetensors", "b.safetensors"], "params": {"density": 0}}}
+    response = client.post("/merge-lab/v1/merge", json={"recipe": recipe})
+    assert response.status_code == 422 and "merge.params.density" in response.json()["detail"]
+    assert client.post("/merge-lab/v1/merge", json={}).status_code == 422

@@ -60,7 +60,7 @@ class Param:
                 value = [part for part in value.replace(" ", "").split(",") if part]
             if not isinstance(value, (list, tuple)):
                 raise RequestError(f"{where}: expected a list of numbers, got {value!r}")
-            return tuple(self._number(v, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(self._number(v, f"{where}[{i}]") for i, v in enumerate(value)) or None  # empty: default
         if self.kind == BOOL:
             if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 return value.lower() in ("1", "true", "yes", "on")
@@ -152,7 +152,7 @@ class Method:
             value = values[name]
             if param.kind == FLOATS and value is not None and repeated is not None and len(value) != repeated:
                 raise RequestError(
-                    f"{where}.{name}: expected {repeated} values (one per {self.inputs[-1]} model), got {len(value)}"
+                    f"{where}.{name}: expected {repeated} values (one per model in {self.inputs[-1]}), got {len(value)}"
                 )
         return values
 

@@ -41,10 +41,12 @@ def soup(*models: torch.Tensor, weights: tuple[float, ...] | None, normalise: bo
 
 
 def newest(paths: list[os.PathLike], params: dict) -> list[os.PathLike]:
-    """The last ``last`` checkpoints of a run: by the step number in the name, else by mtime."""
+    """The last ``last`` checkpoints of a run: by the step number in the name (the last number, when
+    every name has a different one), else by modification time."""
     last = params["last"]
     numbered = [(_step(p), p) for p in paths]
-    if all(step is not None for step, _ in numbered):
+    steps = [step for step, _ in numbered]
+    if None not in steps and len(set(steps)) == len(steps):  # sd15-a / sd15-b: 15 is no step number
         ordered = [p for _, p in sorted(numbered, key=lambda item: item[0])]
     else:
         ordered = sorted(paths, key=lambda p: os.stat(p).st_mtime)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from fractions import Fraction
 
 import torch
 
@@ -113,7 +114,7 @@ def _deltas(base: torch.Tensor, models, weights) -> list[torch.Tensor]:
 def _keep_largest(delta: torch.Tensor, density: float) -> None:
     """Zero all but the ceil(density * n) values of largest magnitude (ties at the cut are kept)."""
     n = delta.numel()
-    keep = min(n, math.ceil(density * n))
+    keep = min(n, math.ceil(Fraction(repr(density)) * n))  # exact: 0.55 * 100 is 55, not 55.000000000000014
     if keep >= n or n == 0:
         return
     magnitude = delta.abs().flatten()
