@@ -134,3 +134,38 @@ def test_a_bad_pick_is_refused_in_the_tab_and_writes_nothing(page, served):
     assert "broken.safetensors" in error.inner_text()
     assert "Traceback" not in error.inner_text()
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_ties_with_a_block_preset_its_chart_and_a_saved_recipe(page, served):
+    folder, _ = served
+    page.get_by_role("radio", name="TIES", exact=True).check()
+    page.wait_for_selector("#merge_lab_param_density", state="visible")
+    assert page.locator("#merge_lab_param_t").is_hidden()  # SLERP's t is not TIES's
+    pick(page, "merge_lab_primary", "alpha.safetensors")
+    pick(page, "merge_lab_secondary", "beta.safetensors")
+    page.locator("#merge_lab_blocks").get_by_text("Block weights").click()
+    pick(page, "merge_lab_block_param", "lambda")
+    pick(page, "merge_lab_block_preset", "ramp_in_out")
+    page.wait_for_function("() => document.querySelectorAll('#merge_lab_block_chart svg rect').length === 26")
+    assert (
+        page.locator("#merge_lab_block_text textarea, #merge_lab_block_text input").first.input_value() == "ramp_in_out"
+    )
+    page.wait_for_function(
+        "() => document.querySelector('#merge_lab_preflight textarea').value.includes('lambda per block')"
+    )
+    page.locator("#merge_lab_merge").click()
+    done = page.locator("#merge_lab_result .merge-lab-done")
+    done.wait_for(timeout=60_000)
+    assert "ties(alpha, beta).safetensors" in done.inner_text()
+    assert (folder / "ties(alpha, beta).safetensors").is_file()
+
+    page.locator("#merge_lab_recipe").get_by_text("Recipe", exact=True).click()
+    page.locator("#merge_lab_save_recipe").click()
+    link = page.locator("#merge_lab_recipe_file a").first
+    link.wait_for(timeout=30_000)
+    with page.expect_download() as download:
+        link.click()
+    text = Path(download.value.path()).read_text()
+    assert "method: ties" in text and "lambda: ramp_in_out" in text and "alpha.safetensors" in text
+    if SCREENSHOTS:
+        page.screenshot(path=str(ROOT / SCREENSHOTS / "merge-lab-blocks.png"), full_page=True)

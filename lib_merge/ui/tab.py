@@ -14,20 +14,26 @@ import logging
 
 import gradio as gr
 
-from .. import actions
+from .. import actions, arch
 from ..errors import MergeError
 from ..host import AppHost
+from ..io.readers import open_checkpoint
 from ..methods import METHODS, get_method
 from ..request import CONFIG_SOURCES, FORMATS
+from ..tab_recipe import PARAM_NAMES, TAB_FIELDS, block_chart, recipe_from_controls
+from . import method_controls
 
 log = logging.getLogger("merge_lab")
 NO_VAE = "None"
 
-REQUEST_FIELDS = actions.REQUEST_FIELDS  # the order the merge event receives them (after the task id)
+REQUEST_FIELDS = actions.REQUEST_FIELDS
+# The order the merge event receives the fields (after the task id): the request's, then the method controls'.
+ALL_FIELDS = (*REQUEST_FIELDS, *TAB_FIELDS)
 # The fields that change what the preflight says (the metadata ones do not).
 PREFLIGHT_INPUTS = (
     "primary_model_name", "secondary_model_name", "tertiary_model_name", "interp_method", "multiplier",
     "save_as_half", "custom_name", "checkpoint_format", "bake_in_vae", "discard_weights", "overwrite",
+    *TAB_FIELDS,
 )  # fmt: skip
 
 
@@ -39,7 +45,9 @@ def build_tab(host: AppHost, *, in_webui: bool = False) -> gr.Blocks:
                 ui = build_inputs(host)
                 ui.update(build_method())
                 ui.update(build_output(host))
+                ui.update(method_controls.build_blocks())
                 ui.update(build_metadata())
+                ui.update(method_controls.build_recipe())
             with gr.Column(variant="compact"):
                 ui.update(build_actions(host, in_webui))
         wire_events(host, ui, in_webui)
@@ -57,7 +65,11 @@ def build_inputs(host: AppHost) -> dict:
             )
         }
         refresh = gr.Button("Refresh lists", elem_id="merge_lab_refresh", scale=0)
-    return {**models, "refresh": refresh}
+    more_models = gr.Dropdown(
+        host.checkpoints(), multiselect=True, visible=False, label="More models (D, E ...)",
+        elem_id="merge_lab_more_models",
+    )  # fmt: skip
+    return {**models, "refresh": refresh, "more_models": more_models}
 
 
 def build_method() -> dict:
@@ -72,7 +84,7 @@ def build_method() -> dict:
         label="Multiplier (M): 0 gives A; below 0 or above 1 extrapolates",
         elem_id="merge_lab_multiplier",
     )
-    return {"interp_method": method, "about": about, "multiplier": multiplier}
+    return {"interp_method": method, "about": about, "multiplier": multiplier, **method_controls.build_params()}
 
 
 def build_output(host: AppHost) -> dict:
@@ -160,23 +172,29 @@ def build_actions(host: AppHost, in_webui: bool) -> dict:
 
 
 def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
-    fields = [ui[name] for name in REQUEST_FIELDS]
-    pickers = [ui["primary_model_name"], ui["secondary_model_name"], ui["tertiary_model_name"]]
+    fields = [ui[name] for name in ALL_FIELDS]
+    pickers = [ui["primary_model_name"], ui["secondary_model_name"], ui["tertiary_model_name"], ui["more_models"]]
 
     def show_preflight(*values):
-        return _preflight_text(host, dict(zip(REQUEST_FIELDS, values, strict=True)))
+        return _preflight_text(host, dict(zip(ALL_FIELDS, values, strict=True)))
 
     for name in PREFLIGHT_INPUTS:
         ui[name].change(show_preflight, inputs=fields, outputs=[ui["preflight"]], queue=False)
     ui["interp_method"].change(_describe, inputs=[ui["interp_method"]], outputs=[ui["about"]], queue=False)
+    method_outputs = [ui["more_models"], ui["multiplier"]]
+    method_outputs += [ui[f"param_{name}"] for name in PARAM_NAMES] + [ui["block_param"]]
+    ui["interp_method"].change(
+        method_controls.method_updates, inputs=[ui["interp_method"]], outputs=method_outputs, queue=False
+    )
     ui["checkpoint_format"].change(
         lambda fmt: gr.update(visible=fmt == "safetensors"), inputs=[ui["checkpoint_format"]],
         outputs=[ui["metadata"]], queue=False,
     )  # fmt: skip
     ui["read_metadata"].click(
         lambda *names: _guarded(lambda: actions.read_metadata(host, list(names))),
-        inputs=pickers, outputs=[ui["metadata_json"]],
+        inputs=pickers[:3], outputs=[ui["metadata_json"]],
     )  # fmt: skip
+    wire_recipe_events(host, ui, fields)
 
     def refresh():
         host.refresh()
@@ -187,8 +205,7 @@ def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
 
     # gradio inserts the progress tracker at its parameter's position, so it comes first.
     def on_merge(progress=gr.Progress(), task_id="", open_txt2img=False, *values):  # noqa: B008 (gradio's idiom)
-        fields = dict(zip(REQUEST_FIELDS, values, strict=True))
-        message = _merge(host, fields, task_id, open_txt2img, progress)
+        message = _merge(host, _request_fields(values), task_id, open_txt2img, progress)
         return [message] + [gr.update(choices=host.checkpoints()) for _ in pickers]
 
     for button, opens in ((ui["merge"], False), (ui["merge_open"], True)):
@@ -198,6 +215,51 @@ def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
             outputs=[ui["result"], *pickers],
             **_page_hook(button, "mergeLabOpenTxt2img" if opens else "mergeLabMerge", in_webui),
         )
+
+
+def wire_recipe_events(host: AppHost, ui: dict, fields: list) -> None:
+    """Block chart, presets, Save recipe and Load recipe."""
+
+    def chart(*values):
+        named = dict(zip(ALL_FIELDS, values, strict=True))
+        param = named.get("block_param") or "alpha"
+        default = named.get("multiplier") if param == "alpha" else named.get(f"param_{param}")
+        return block_chart(named.get("block_text") or "", _family(host, named), float(default or 0), param)
+
+    for name in ("block_text", "block_param", "primary_model_name"):
+        ui[name].change(chart, inputs=fields, outputs=[ui["block_chart"]], queue=False)
+    ui["block_preset"].change(lambda name: name, inputs=[ui["block_preset"]], outputs=[ui["block_text"]], queue=False)
+
+    def save(*values):
+        try:
+            return method_controls.save_recipe(recipe_from_controls(dict(zip(ALL_FIELDS, values, strict=True))))
+        except MergeError as err:
+            return gr.update(value=None), f"Not saved: {err}"
+
+    ui["save_recipe"].click(save, inputs=fields, outputs=[ui["recipe_file"], ui["recipe_note"]], queue=False)
+    ui["load_recipe"].upload(
+        lambda upload: method_controls.load_recipe(upload, ALL_FIELDS),
+        inputs=[ui["load_recipe"]], outputs=[*fields, ui["recipe_note"]],
+    )  # fmt: skip
+
+
+def _family(host: AppHost, fields: dict) -> str:
+    """The primary model's family, for the block names (SD1 until a model is picked)."""
+    try:
+        with open_checkpoint(host.resolve(fields["primary_model_name"]).path) as reader:
+            return arch.family_of(reader.keys())
+    except (MergeError, KeyError, TypeError):
+        return arch.SD1
+
+
+def _request_fields(values: tuple) -> dict:
+    """The request's fields from the tab's values; the method controls become a recipe when needed."""
+    named = dict(zip(ALL_FIELDS, values, strict=True))
+    fields = {name: named[name] for name in REQUEST_FIELDS}
+    recipe = recipe_from_controls(named)
+    if recipe is not None:
+        fields["recipe"] = recipe
+    return fields
 
 
 def _merge(host: AppHost, fields: dict, task_id: str, open_txt2img: bool, progress) -> str:
@@ -221,22 +283,18 @@ def _merge(host: AppHost, fields: dict, task_id: str, open_txt2img: bool, progre
     )
 
 
-PICKERS = {"a": ("primary_model_name", "primary model (A)"), "b": ("secondary_model_name", "secondary model (B)"),
-           "c": ("tertiary_model_name", "tertiary model (C)")}  # fmt: skip
-
-
 def _preflight_text(host: AppHost, fields: dict) -> str:
-    """The preflight report, or which model to pick next while the picks are incomplete."""
+    """The preflight report, or how many models to pick while the picks are incomplete."""
     try:
-        wanted = get_method(fields.get("interp_method") or "").inputs
+        method = get_method(fields.get("interp_method") or "")
     except MergeError as err:
         return f"Refused: {err}"
-    for role in wanted:
-        field_name, label = PICKERS[role]
-        if not fields.get(field_name):
-            return f"Pick the {label} to see what the merge will do."
+    picked = [fields.get(name) for name in ("primary_model_name", "secondary_model_name", "tertiary_model_name")]
+    count = len([name for name in picked if name]) + len(fields.get("more_models") or [])
+    if not picked[0] or count < method.min_inputs:
+        return f"Pick {method.min_inputs} models or more ({method.inputs_text()}) to see what the merge will do."
     try:
-        request, _ = actions.request_from_fields(fields)
+        request, _ = actions.request_from_fields(_request_fields(tuple(fields.get(n) for n in ALL_FIELDS)))
     except MergeError as err:
         return f"Refused: {err}"
     return actions.preflight_report(host, request)[1]
@@ -260,8 +318,8 @@ def _pre(text: str) -> str:
 
 def _describe(label: str) -> str:
     method = get_method(label)
-    summary = method.doc.splitlines()[0] if method.doc else ""
-    return f"{summary} Inputs: {', '.join(method.inputs).upper()}."
+    summary = " ".join(method.doc.split("\n\n")[0].split())
+    return f"{summary} Models, in order A, B, C, then More models: {method.inputs_text()}."
 
 
 def _page_hook(button: gr.Button, function: str, in_webui: bool) -> dict:

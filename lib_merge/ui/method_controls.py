@@ -1,0 +1,115 @@
+"""The tab's method part, generated from the registry: parameter controls, block weights, recipes."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from .. import blocks
+from ..errors import MergeError
+from ..methods import BOOL, FLOATS, INT, METHODS, Param, get_method
+from ..recipe import dump_recipe, parse_recipe
+from ..tab_recipe import PARAM_NAMES, TAB_FIELDS, block_chart, controls_from_recipe
+
+# The first method that declares a parameter gives its control's range and default.
+PARAMS: dict[str, Param] = {}
+for _method in METHODS.values():
+    for _name, _param in _method.params.items():
+        PARAMS.setdefault(_name, _param)
+
+
+def build_params() -> dict:
+    """One control per parameter name in the registry; the method's choice shows its own."""
+    controls = {}
+    with gr.Row():
+        for name in PARAM_NAMES:
+            controls[f"param_{name}"] = _control(PARAMS[name])
+    return controls
+
+
+def _control(param: Param):
+    label = f"{param.name} ({param.help})" if param.help else param.name
+    elem_id = f"merge_lab_param_{param.name}"
+    if param.kind == BOOL:
+        return gr.Checkbox(bool(param.default), label=label, visible=False, elem_id=elem_id)
+    if param.kind == FLOATS:
+        return gr.Textbox("", label=f"{label}: comma list", visible=False, elem_id=elem_id)
+    if param.kind == INT:
+        return gr.Number(param.default, precision=0, label=label, visible=False, elem_id=elem_id)
+    if param.low is not None and param.high is not None:
+        return gr.Slider(param.low, param.high, value=param.default, step=0.01, label=label, visible=False,
+                         elem_id=elem_id)  # fmt: skip
+    return gr.Number(param.default, label=label, visible=False, elem_id=elem_id)
+
+
+def build_blocks() -> dict:
+    """Per-block values of one parameter: text, presets and a chart of the values."""
+    with gr.Accordion("Block weights", open=False, elem_id="merge_lab_blocks"):
+        with gr.Row():
+            block_param = gr.Dropdown(["alpha"], value="alpha", label="Parameter", elem_id="merge_lab_block_param")
+            preset = gr.Dropdown(["", *blocks.presets()], value="", label="Preset", elem_id="merge_lab_block_preset")
+        block_text = gr.Textbox(
+            "",
+            label="Per block: BASE,IN00,...,OUT11 values (SDXL: 20), IN04=0.3,OUT*=0.7, or a preset name; empty: off",
+            elem_id="merge_lab_block_text",
+        )
+        chart = gr.HTML(block_chart("", blocks.SD1, 0.3, "alpha"), elem_id="merge_lab_block_chart")
+    return {"block_param": block_param, "block_preset": preset, "block_text": block_text, "block_chart": chart}
+
+
+def build_recipe() -> dict:
+    with gr.Accordion("Recipe", open=False, elem_id="merge_lab_recipe"):
+        with gr.Row():
+            save = gr.Button("Save recipe", elem_id="merge_lab_save_recipe")
+            load = gr.UploadButton(
+                "Load recipe", file_types=[".yaml", ".yml", ".json"], elem_id="merge_lab_load_recipe"
+            )
+        recipe_file = gr.File(label="Recipe file", interactive=False, elem_id="merge_lab_recipe_file")
+        recipe_note = gr.Markdown("", elem_id="merge_lab_recipe_note")
+    return {"save_recipe": save, "load_recipe": load, "recipe_file": recipe_file, "recipe_note": recipe_note}
+
+
+def method_updates(label: str) -> list:
+    """Visibility of More models, the multiplier and each parameter control for the chosen method."""
+    method = get_method(label)
+    per_block = [p.name for p in method.params.values() if p.per_block]
+    updates = [
+        gr.update(visible=bool(method.variadic)),  # more models
+        gr.update(visible="alpha" in method.params),  # multiplier
+    ]
+    updates += [
+        gr.update(visible=name in method.params, value=method.params[name].default if name in method.params else None)
+        if PARAMS[name].kind != FLOATS
+        else gr.update(visible=name in method.params)
+        for name in PARAM_NAMES
+    ]
+    updates.append(gr.update(choices=per_block or ["alpha"], value=per_block[0] if per_block else "alpha"))
+    return updates
+
+
+def save_recipe(recipe: dict | None) -> tuple:
+    """The recipe as a YAML file to download, or a message saying why there is none."""
+    if recipe is None:
+        return gr.update(value=None), "Nothing to save: pick a method and its models first."
+    folder = Path(tempfile.mkdtemp(prefix="merge-lab-recipe-"))
+    path = folder / "merge-lab-recipe.yaml"
+    path.write_text(dump_recipe(recipe), encoding="utf-8")
+    return gr.update(value=str(path)), f"Saved: `{path.name}` (replay: `python -m lib_merge run {path.name}`)"
+
+
+def load_recipe(upload, fields: tuple[str, ...]) -> list:
+    """Control values from an uploaded recipe, in ``fields`` order, plus a note (last)."""
+    try:
+        text = Path(getattr(upload, "name", upload)).read_text(encoding="utf-8")
+        values = controls_from_recipe(parse_recipe(text, "recipe"))
+    except (OSError, MergeError, KeyError, TypeError) as err:
+        return [gr.update() for _ in fields] + [f"Could not load the recipe: {err}"]
+    if values is None:
+        note = "This recipe nests methods; merge it with `python -m lib_merge run` or the API."
+        return [gr.update() for _ in fields] + [note]
+    return [gr.update(value=values[name]) if name in values else gr.update() for name in fields] + ["Recipe loaded."]
+
+
+__all__ = ["TAB_FIELDS", "build_blocks", "build_params", "build_recipe", "load_recipe", "method_updates", "save_recipe"]

@@ -1,0 +1,51 @@
+"""The tab's method controls <-> recipes, and the block chart, without gradio."""
+
+import pytest
+
+from lib_merge.errors import RequestError
+from lib_merge.recipe import request_from_recipe
+from lib_merge.tab_recipe import PARAM_NAMES, block_chart, controls_from_recipe, recipe_from_controls
+
+
+def controls(**values):
+    base = {"primary_model_name": "a.safetensors", "secondary_model_name": "b.safetensors", "multiplier": 0.3}
+    base.update({f"param_{name}": None for name in PARAM_NAMES})
+    return {**base, **values}
+
+
+def test_the_builtins_own_fields_need_no_recipe():
+    assert recipe_from_controls(controls(interp_method="Weighted sum")) is None
+
+
+def test_ties_with_more_models_and_blocks_becomes_a_recipe_and_back():
+    fields = controls(
+        interp_method="TIES", tertiary_model_name="c.safetensors", more_models=["d.safetensors"],
+        param_density=0.4, param_lambda=0.9, param_weights="1, -1, 0.5", block_param="lambda",
+        block_text="IN*=0.5", custom_name="mine",
+    )  # fmt: skip
+    recipe = recipe_from_controls(fields)
+    node = recipe["merge"]
+    assert [m for m in node["models"]] == ["a.safetensors", "b.safetensors", "c.safetensors", "d.safetensors"]
+    assert node["params"] == {"density": 0.4, "lambda": 0.9, "weights": "1, -1, 0.5"}
+    assert node["blocks"] == {"lambda": "IN*=0.5"} and recipe["output"] == {"custom_name": "mine"}
+    request = request_from_recipe(recipe)  # valid as the engine reads it
+    assert request.root().params["density"] == 0.4
+    back = controls_from_recipe(recipe)
+    assert back["interp_method"] == "TIES" and back["more_models"] == ["d.safetensors"]
+    assert back["param_density"] == 0.4 and back["block_text"] == "IN*=0.5" and back["custom_name"] == "mine"
+
+
+def test_a_bad_value_is_named_when_the_recipe_is_read():
+    with pytest.raises(RequestError, match=r"merge\.params\.density"):
+        request_from_recipe(recipe_from_controls(controls(interp_method="TIES", param_density=0)))
+
+
+def test_a_nested_recipe_is_not_forced_into_the_flat_controls():
+    nested = {"merge": {"method": "soup", "models": ["a", {"method": "soup", "models": ["b", "c"]}]}}
+    assert controls_from_recipe(nested) is None
+
+
+def test_the_chart_draws_one_bar_per_block_and_names_a_bad_list():
+    assert block_chart("ramp_in_out", "SD1", 0.5, "alpha").count("<rect") == 26
+    assert block_chart("flat", "SDXL", 0.5, "alpha").count("<rect") == 20
+    assert "blocks.alpha: expected 26 values" in block_chart("1,2,3", "SD1", 0.5, "alpha")
