@@ -5,6 +5,12 @@ values), made once in ``--work``. Each contender runs in its own fresh interpret
 other per repeat, after one untimed warm-up each (page cache warm, input hashes cached as the
 webui caches them). Reported: median wall time, its ratio to the floor, and the peak anonymous
 memory (RssAnon, sampled; mapped file pages do not count) above an interpreter with torch imported.
+
+Scenarios (``--scenarios``): ``builtin``, the built-in's methods (``--method``) against the floor
+and the load-everything baseline; ``soup``, a uniform soup of 4 models; ``ties``, TIES over 3 task
+vectors (base + 3 models, density 0.2, lambda 1). The last two are recipe trees merged by the
+engine, each against its own floor (4 inputs read, 1 output written), with targets printed beside
+the figures (not enforced: the exit status does not depend on them).
 """
 
 from __future__ import annotations
@@ -16,10 +22,45 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 CONTENDERS = ("floor", "engine", "baseline")
 SAMPLE_SECONDS = 0.002
+ROLES = "abcd"  # input files {tag}_{role}.safetensors, made with seeds 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A recipe tree over the first ``models`` inputs, and the targets it should meet on the CPU."""
+
+    name: str
+    method: str
+    models: int
+    params: dict
+    max_floor_ratio: float
+    max_extra_anon: int  # bytes
+
+    def tree(self, inputs: list[str]) -> dict:
+        from .recipe import MergeNode, ModelRef
+
+        return MergeNode(self.method, tuple(ModelRef(p) for p in inputs), self.params).to_dict()
+
+    def describe(self) -> str:
+        params = "".join(f", {k} {v:g}" for k, v in self.params.items())
+        if self.method == "soup":
+            return f"uniform soup of {self.models} models{params}"
+        from .methods import get_method
+
+        label = get_method(self.method).label
+        return f"{label} over {self.models - 1} task vectors (base + {self.models - 1}){params}"
+
+
+TREE_SCENARIOS = {
+    "soup": Scenario("soup", "soup", 4, {}, 1.3, int(1.5e9)),
+    "ties": Scenario("ties", "ties", 4, {"density": 0.2, "lambda": 1.0}, 3.0, int(1.5e9)),
+}
+SCENARIOS = ("builtin", *TREE_SCENARIOS)
 
 
 def add_arguments(parser) -> None:
@@ -45,34 +86,70 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="force nothing to disk in all three: no fsync, no early writeback (warm page cache figures)",
     )
+    parser.add_argument(
+        "--scenarios",
+        type=_scenario_list,
+        default=None,
+        help=f"comma list of {', '.join(SCENARIOS)} (builtin: --method vs the floor and the baseline; "
+        "soup: 4 models; ties: base + 3 models); default: all for sd15, builtin for sdxl",
+    )
     parser.set_defaults(run=run)
 
 
-def run(args) -> int:
-    from . import synthetic
-    from .methods import get_method
+def _scenario_list(text: str) -> tuple[str, ...]:
+    import argparse
 
-    method = get_method(args.method)
+    names = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [name for name in names if name not in SCENARIOS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(SCENARIOS)}, got {text!r}")
+    return names
+
+
+def run(args) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
+    scenarios = args.scenarios or (SCENARIOS if args.arch == "sd15" else ("builtin",))
+    if "builtin" in scenarios:
+        _run_builtin(args)
+    tree_scenarios = [TREE_SCENARIOS[name] for name in scenarios if name in TREE_SCENARIOS]
+    if tree_scenarios:
+        _run_trees(args, tree_scenarios)
+    return 0
+
+
+def _inputs(args, count: int) -> list[str]:
+    """The first ``count`` synthetic inputs (seeds 1, 2, ...), made once in ``--work``."""
+    from . import synthetic
+
     specs = synthetic.layout(args.arch)
     tag = args.arch
     if args.max_dim:
         specs, tag = synthetic.scaled(specs, args.max_dim), f"{args.arch}_max{args.max_dim}"
     inputs = []
-    for role, seed in list(zip("abc", (1, 2, 3), strict=True))[: len(method.inputs)]:
+    for seed, role in enumerate(ROLES[:count], start=1):
         path = args.work / f"{tag}_{role}.safetensors"
         if not path.exists():
             print(f"making {path} ...", flush=True)
             synthetic.write_checkpoint(path, specs, seed)
         inputs.append(str(path))
-    job = {
+    return inputs
+
+
+def _job(args, inputs: list[str], **what) -> dict:
+    return {
         "inputs": inputs,
-        "method": method.label,
-        "alpha": args.alpha,
         "device": args.device,
         "work": str(args.work),
         "fsync": not args.no_fsync,
+        **what,
     }
+
+
+def _run_builtin(args) -> None:
+    from .methods import get_method
+
+    method = get_method(args.method)
+    job = _job(args, _inputs(args, len(method.inputs)), method=method.label, alpha=args.alpha)
     times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
     memory: dict[str, list[int]] = {name: [] for name in CONTENDERS}
     for repeat in range(args.repeats + 1):  # the first round warms caches and is not counted
@@ -82,7 +159,29 @@ def run(args) -> int:
                 times[name].append(result["seconds"])
                 memory[name].append(result["peak_anon"])
     _print_table(args, method.label, times, memory)
-    return 0
+
+
+def _run_trees(args, scenarios: list[Scenario]) -> None:
+    """Each scenario: its own floor and the engine on its recipe tree, warm-up round first."""
+    inputs = _inputs(args, max(s.models for s in scenarios))
+    rows = []
+    for scenario in scenarios:
+        used = inputs[: scenario.models]
+        job = _job(args, used, tree=scenario.tree(used))
+        times: dict[str, list[float]] = {"floor": [], "engine": []}
+        memory: list[int] = []
+        phases: dict[str, list[float]] = {}
+        for repeat in range(args.repeats + 1):  # the first round warms caches and is not counted
+            for name in times:
+                result = _spawn(name, job)
+                if repeat:
+                    times[name].append(result["seconds"])
+                    if name == "engine":
+                        memory.append(result["peak_anon"])
+                        for phase, seconds in result.get("timings", {}).items():
+                            phases.setdefault(phase, []).append(seconds)
+        rows.append((scenario, times, memory, phases))
+    _print_tree_table(args, rows)
 
 
 def _print_table(args, method: str, times, memory) -> None:
@@ -95,6 +194,39 @@ def _print_table(args, method: str, times, memory) -> None:
     for name in CONTENDERS:
         median = statistics.median(times[name])
         print(f"{name:<10} {median:9.2f} {median / floor:8.2f} {max(memory[name]) / 2**20:13.0f}")
+
+
+def _print_tree_table(args, rows) -> None:
+    print(
+        f"\n{args.arch} recipe trees by the engine to fp16, each against its own floor (its inputs read, "
+        f"1 output written), device {args.device}, {args.repeats} repeats, "
+        f"fsync {'off' if args.no_fsync else 'on'}, {os.cpu_count()} CPUs (the targets are for the CPU)"
+    )
+    for scenario, _, _, _ in rows:
+        print(f"  {scenario.name}: {scenario.describe()}, {scenario.models} inputs")
+    print(
+        f"{'scenario':<9} {'floor s':>8} {'engine s':>9} {'x floor':>8} {'target':>7} "
+        f"{'extra anon GB':>14} {'target':>7}  met"
+    )
+    for scenario, times, memory, _ in rows:
+        floor = statistics.median(times["floor"])
+        engine = statistics.median(times["engine"])
+        ratio = engine / floor
+        anon = max(memory)
+        missed = [
+            what
+            for what, ok in (("time", ratio <= scenario.max_floor_ratio), ("memory", anon <= scenario.max_extra_anon))
+            if not ok
+        ]
+        met = f"no ({', '.join(missed)})" if missed else "yes"
+        print(
+            f"{scenario.name:<9} {floor:8.2f} {engine:9.2f} {ratio:8.2f} {'<=' + format(scenario.max_floor_ratio, 'g'):>7} "
+            f"{anon / 1e9:14.2f} {'<=' + format(scenario.max_extra_anon / 1e9, 'g'):>7}  {met}"
+        )
+    for scenario, _, _, phases in rows:
+        if phases:
+            text = ", ".join(f"{phase} {statistics.median(values):.2f}" for phase, values in phases.items())
+            print(f"  {scenario.name} engine phases (median s): {text}")
 
 
 def _spawn(name: str, job: dict) -> dict:
@@ -120,11 +252,11 @@ def child(name: str, job_json: str) -> None:
     output.unlink(missing_ok=True)
     sampler = _AnonSampler()
     start = time.perf_counter()
-    {"floor": _floor, "engine": _engine, "baseline": _baseline}[name](job, output)
+    extra = {"floor": _floor, "engine": _engine, "baseline": _baseline}[name](job, output)
     seconds = time.perf_counter() - start
     peak = sampler.stop()
     output.unlink(missing_ok=True)
-    print(json.dumps({"seconds": seconds, "peak_anon": peak}))
+    print(json.dumps({"seconds": seconds, "peak_anon": peak, **(extra or {})}))
 
 
 def _floor(job: dict, output: Path) -> None:
@@ -154,15 +286,28 @@ def _engine_output_size(job: dict) -> int:
         plan.close()
 
 
-def _engine(job: dict, output: Path) -> None:
+def _engine(job: dict, output: Path) -> dict:
     from . import FolderHost, merge
 
-    merge(_request(job, output), FolderHost(job["work"], device=job["device"], hash_cache=_cache(job)))
+    result = merge(_request(job, output), FolderHost(job["work"], device=job["device"], hash_cache=_cache(job)))
+    return {"timings": result.timings}
 
 
 def _request(job: dict, output: Path):
     from .request import MergeRequest
 
+    if job.get("tree"):
+        from .recipe import node_from_dict
+
+        tree = node_from_dict(job["tree"])
+        return MergeRequest(
+            next(tree.models()).name,
+            tree=tree,
+            save_as_half=True,
+            overwrite=True,
+            output_path=str(output),
+            device=job["device"],
+        )
     names = [*job["inputs"], "", ""][:3]
     return MergeRequest(
         *names,

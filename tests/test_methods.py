@@ -533,3 +533,13 @@ def test_valid_params_are_converted_and_defaults_filled():
 def test_empty_weights_mean_uniform(empty):
     for name in ("soup", "task_arithmetic", "ties", "dare"):
         assert not get_method(name).check_params({"weights": empty}, 3)["weights"], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (1000, 1), (1000, 1000), (1000, 137), (12345, 6000)])
+def test_the_radix_selection_finds_the_kth_largest_magnitude_exactly(dtype, n, k):
+    from lib_merge.methods.task_vectors import _kth_largest
+
+    values = torch.randn(n, generator=torch.Generator().manual_seed(n + k)).to(dtype).abs()
+    values[: n // 10] = values[n // 2]  # repeated values at and around the cut
+    assert _kth_largest(values, k) == values.sort(descending=True).values[k - 1]

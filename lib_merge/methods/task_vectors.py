@@ -117,9 +117,40 @@ def _keep_largest(delta: torch.Tensor, density: float) -> None:
     keep = min(n, math.ceil(Fraction(repr(density)) * n))  # exact: 0.55 * 100 is 55, not 55.000000000000014
     if keep >= n or n == 0:
         return
-    magnitude = delta.abs().flatten()
-    threshold = magnitude.kthvalue(n - keep + 1).values
-    delta.mul_(delta.abs() >= threshold)
+    magnitude = delta.abs()
+    delta.masked_fill_(magnitude < _kth_largest(magnitude, keep), 0)
+
+
+_INT_VIEW = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
+
+
+def _kth_largest(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest of non-negative floats, exactly, by radix selection on their bit patterns.
+
+    Non-negative floats sort like their bits read as integers, so 16 bits at a time a histogram
+    (torch.bincount) finds the digit of the k-th largest: two linear passes for float32, several
+    times faster than torch.kthvalue's selection on the CPU.
+    """
+    bits = magnitude.flatten().view(_INT_VIEW[magnitude.dtype])
+    if bits.dtype == torch.int16:
+        bits = bits.to(torch.int32)
+    shift = magnitude.element_size() * 8 - 16
+    found, remaining = 0, k
+    while shift >= 0:
+        digits = (bits >> shift) & 0xFFFF
+        from_top = torch.bincount(digits, minlength=1 << 16).flip(0).cumsum(0)
+        index = int(torch.searchsorted(from_top, remaining))
+        remaining -= int(from_top[index - 1]) if index else 0
+        digit = 0xFFFF - index
+        found |= digit << shift
+        bits = bits[digits == digit]
+        shift -= 16
+    return torch.tensor(found, dtype=_INT_VIEW[magnitude.dtype]).view(magnitude.dtype).to(magnitude.device)
 
 
 def _disjoint_mean(deltas: list[torch.Tensor]) -> torch.Tensor:
