@@ -228,7 +228,8 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     _check_families(sources, problems)
     inputs = [_input_checkpoint(request, host, s, hash_inputs) for s in sources.values()]
     if any(ref.sha256 for ref in tree.models()):
-        _check_input_hashes(tree, roles, sources, host, hash_inputs, problems)
+        known = {role: item.sha256 for role, item in zip(sources, inputs, strict=True)}
+        _check_input_hashes(tree, roles, sources, known, host, hash_inputs, problems)
     merged_tree = _as_given(tree, bound).with_hashes({name: inputs[i].sha256 for i, name in enumerate(roles)})
     checkpoints = {name: sources[role].checkpoint for name, role in roles.items()}
     output = _output_path(request, merged_tree, checkpoints, host, variant)
@@ -259,14 +260,18 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     return plan
 
 
-def _check_input_hashes(tree, roles, sources, host, hash_inputs, problems) -> None:
-    """A recipe names its inputs by sha256 too: a different file under the same name is refused."""
+def _check_input_hashes(tree, roles, sources, known, host, hash_inputs, problems) -> None:
+    """A recipe names its inputs by sha256 too: a different file under the same name is refused.
+
+    ``known`` holds the hashes the metadata step already computed (role -> sha256 or None).
+    """
     if not hash_inputs:
         return  # a shown preflight reads headers only; the merge itself checks
     for ref in tree.models():
         if ref.sha256:
-            checkpoint = sources[roles[ref.name]].checkpoint
-            actual = host.sha256(checkpoint)
+            role = roles[ref.name]
+            checkpoint = sources[role].checkpoint
+            actual = known[role] or host.sha256(checkpoint)
             if actual != ref.sha256:
                 problems.insert(
                     0,

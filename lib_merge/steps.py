@@ -108,13 +108,6 @@ class Tree:
             for name, param in self.method.params.items()
         }
 
-    def roles(self) -> Iterator[str]:
-        for item in self.inputs:
-            if isinstance(item, Tree):
-                yield from item.roles()
-            else:
-                yield item
-
 
 def _label(arg: str | Step) -> str:
     return arg if isinstance(arg, str) else f"the {arg.method.label} of {', '.join(dict.fromkeys(arg.roles()))}"

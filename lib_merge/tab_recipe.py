@@ -11,7 +11,7 @@ import html
 from . import blocks
 from .io.metadata import BUILTIN_METHODS
 from .methods import FLOATS, METHODS, get_method
-from .recipe import OUTPUT_FIELDS, VERSION, MergeNode, ModelRef
+from .recipe import OUTPUT_FIELDS, VERSION, MergeNode, ModelRef, node_from_dict
 
 PARAM_NAMES = tuple(dict.fromkeys(name for m in METHODS.values() for name in m.params if name != "alpha"))
 # The tab's own fields, after the request's, in the order its merge event receives them.
@@ -43,8 +43,6 @@ def recipe_from_controls(fields: dict) -> dict | None:
 
 def controls_from_recipe(recipe: dict) -> dict | None:
     """Control values for a recipe that the controls can show (one node over models), else None."""
-    from .recipe import node_from_dict
-
     node = node_from_dict(recipe["merge"])
     if any(isinstance(item, MergeNode) for item in node.inputs) or len(node.blocks) > 1:
         return None

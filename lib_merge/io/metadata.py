@@ -35,7 +35,7 @@ def output_stem(request: MergeRequest, tree: MergeNode, checkpoints: dict[str, C
     if request.custom_name:
         stem = request.custom_name
     elif is_builtin(tree):
-        stem = _builtin_stem(tree.method, tree.params.get("alpha", 0.0), *names, None, None)
+        stem = _builtin_stem(tree.method, tree.params.get("alpha", 0.0), names)
     else:
         stem = _short(f"{tree.method}({', '.join(names)})")
     return stem + (f".{variant}" if variant else "")
@@ -50,13 +50,13 @@ def is_builtin(tree: MergeNode) -> bool:
     )
 
 
-def _builtin_stem(method: str, m: float, a: str, b: str | None, c: str | None, *_) -> str:
+def _builtin_stem(method: str, m: float, names: list[str]) -> str:
     method = get_method(method).name
     if method == "weighted_sum":
-        return f"{round(1 - m, 2)}({a}) + {round(m, 2)}({b})"
+        return f"{round(1 - m, 2)}({names[0]}) + {round(m, 2)}({names[1]})"
     if method == "add_difference":
-        return f"{a} + {round(m, 2)}({b} - {c})"
-    return a
+        return f"{names[0]} + {round(m, 2)}({names[1]} - {names[2]})"
+    return names[0]
 
 
 def _short(stem: str) -> str:

@@ -205,7 +205,9 @@ def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
 
     # gradio inserts the progress tracker at its parameter's position, so it comes first.
     def on_merge(progress=gr.Progress(), task_id="", open_txt2img=False, *values):  # noqa: B008 (gradio's idiom)
-        message = _merge(host, _request_fields(values), task_id, open_txt2img, progress)
+        message = _merge(
+            host, _request_fields(dict(zip(ALL_FIELDS, values, strict=True))), task_id, open_txt2img, progress
+        )
         return [message] + [gr.update(choices=host.checkpoints()) for _ in pickers]
 
     for button, opens in ((ui["merge"], False), (ui["merge_open"], True)):
@@ -252,9 +254,8 @@ def _family(host: AppHost, fields: dict) -> str:
         return arch.SD1
 
 
-def _request_fields(values: tuple) -> dict:
-    """The request's fields from the tab's values; the method controls become a recipe when needed."""
-    named = dict(zip(ALL_FIELDS, values, strict=True))
+def _request_fields(named: dict) -> dict:
+    """The request's fields from the tab's named values; the method controls become a recipe when needed."""
     fields = {name: named[name] for name in REQUEST_FIELDS}
     recipe = recipe_from_controls(named)
     if recipe is not None:
@@ -294,7 +295,7 @@ def _preflight_text(host: AppHost, fields: dict) -> str:
     if not picked[0] or count < method.min_inputs:
         return f"Pick {method.min_inputs} models or more ({method.inputs_text()}) to see what the merge will do."
     try:
-        request, _ = actions.request_from_fields(_request_fields(tuple(fields.get(n) for n in ALL_FIELDS)))
+        request, _ = actions.request_from_fields(_request_fields(fields))
     except MergeError as err:
         return f"Refused: {err}"
     return actions.preflight_report(host, request)[1]
