@@ -183,22 +183,26 @@ class _Compute:
         out.copy_(self._evaluate(job.step, job.key, self.device))
 
     def _evaluate(self, step: Step, key: str, device: torch.device) -> torch.Tensor:
-        """The step on whole tensors: fresh copies of the inputs in the work dtype, nested steps first."""
+        """The step on whole tensors: fresh copies of the inputs in the work dtype (or the stored
+        tensors, for methods that read them as stored), nested steps first."""
         dtype = self._work_dtype(step, device)
-        args = [None if arg is None else self._value(arg, key, device, dtype) for arg in step.args]
+        args = [None if arg is None else self._value(arg, step, key, device, dtype) for arg in step.args]
         if step.variant:
             # Inpainting / pix2pix: the primary's extra input channels are kept, the first 4 merged.
-            whole = args[0]
+            whole = args[0].to(dtype, copy=True) if step.method.stored_inputs else args[0]
             channels = next(arg.shape[1] for arg in args[1:] if arg is not None)
             args[0] = whole[:, :channels]
             whole[:, :channels] = self._call(step, args, key)
             return whole
         return self._call(step, args, key)
 
-    def _value(self, arg: str | Step, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def _value(self, arg: str | Step, step: Step, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(arg, Step):
-            return self._evaluate(arg, key, device).to(dtype)
+            value = self._evaluate(arg, key, device)
+            return value if step.method.stored_inputs else value.to(dtype)
         tensor = self.plan.reader(arg)[key]
+        if step.method.stored_inputs:
+            return tensor.to(device)  # on the CPU the input's own pages: read, never written
         return torch.empty(tensor.shape, dtype=dtype, device=device).copy_(tensor)
 
     def _work_dtype(self, step: Step, device: torch.device) -> torch.dtype:

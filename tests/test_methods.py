@@ -537,9 +537,74 @@ def test_empty_weights_mean_uniform(empty):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("n", "k"), [(1, 1), (1000, 1), (1000, 1000), (1000, 137), (12345, 6000)])
-def test_the_radix_selection_finds_the_kth_largest_magnitude_exactly(dtype, n, k):
+@pytest.mark.parametrize("small_selection", [0, 1 << 15])  # 0: radix selection at every size
+def test_the_radix_selection_finds_the_kth_largest_magnitude_exactly(dtype, n, k, small_selection, monkeypatch):
+    from lib_merge.methods import task_vectors
     from lib_merge.methods.task_vectors import _kth_largest
 
+    monkeypatch.setattr(task_vectors, "SMALL_SELECTION", small_selection)
     values = torch.randn(n, generator=torch.Generator().manual_seed(n + k)).to(dtype).abs()
     values[: n // 10] = values[n // 2]  # repeated values at and around the cut
     assert _kth_largest(values, k) == values.sort(descending=True).values[k - 1]
+
+
+# ------------------------------------------- TIES on tensors large enough to be sampled and sliced
+
+
+def ties_float32_ref(base, models, density, lam):
+    """TIES by sorting, in float32 from the stored values: the cut and the kept set, exactly."""
+    deltas = [m.float() - base.float() for m in models]
+    keep = math.ceil(Fraction(repr(density)) * base.numel())
+    trimmed = []
+    for delta in deltas:
+        cut = delta.abs().flatten().sort(descending=True).values[keep - 1]
+        trimmed.append(torch.where(delta.abs() >= cut, delta, torch.zeros_like(delta)))
+    elected = sum(trimmed[1:], trimmed[0]).sign()
+    agreeing = [torch.where(t * elected > 0, t, torch.zeros_like(t)) for t in trimmed]
+    count = sum((a != 0).float() for a in agreeing).clamp_min(1)
+    return base.float() + lam * (sum(agreeing[1:], agreeing[0]) / count), trimmed
+
+
+LARGE = 300_007  # above the sampling threshold (4 x 65536) and more than one CPU slice (2**18)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("density", [0.2, 0.55, 0.97])
+def test_ties_on_a_large_tensor_matches_the_sorting_reference_and_leaves_the_inputs_alone(dtype, density):
+    base = rand(LARGE, seed=40).to(dtype)
+    models = [(base.double() + rand(LARGE, seed=41 + i, scale=0.05)).to(dtype) for i in range(3)]
+    before = [t.clone() for t in (base, *models)]
+    got = get_method("ties").func(base, *models, density=density, lambda_=0.8, weights=None)
+    want, _ = ties_float32_ref(base, models, density, 0.8)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-7, atol=1e-7)
+    assert all(torch.equal(a, b) for a, b in zip(before, (base, *models), strict=True))
+
+
+def test_ties_keeps_exactly_the_top_k_of_a_large_task_vector_with_repeated_magnitudes():
+    base = torch.zeros(LARGE, dtype=torch.float16)
+    delta = rand(LARGE, seed=50).to(torch.float16)
+    delta[::3] = delta[7]  # a third of the values share one magnitude, near the cut
+    got = get_method("ties").func(base, delta, density=0.3, lambda_=1.0, weights=None)
+    _, (trimmed,) = ties_float32_ref(base, [delta], 0.3, 1.0)
+    assert torch.equal(got, trimmed)
+    assert int((got != 0).sum()) >= math.ceil(0.3 * LARGE)
+
+
+def test_ties_finds_the_exact_cut_when_the_sample_misjudges_it(monkeypatch):
+    """Every sampled position (a multiple of the stride) holds a tiny value and the rest are large,
+    so the sample's bracket is wrong; the counting pass notices and radix selection decides."""
+    from lib_merge.methods import task_vectors
+
+    base = torch.zeros(LARGE, dtype=torch.float32)
+    delta = rand(LARGE, seed=60).float().abs_().add_(10)
+    delta[:: LARGE // task_vectors.SAMPLE_SIZE] = 1e-3
+    whole_vector_selections = []
+    radix = task_vectors._kth_largest
+    monkeypatch.setattr(
+        task_vectors, "_kth_largest", lambda m, k: whole_vector_selections.append(m.numel()) or radix(m, k)
+    )
+    got = get_method("ties").func(base, delta, density=0.2, lambda_=1.0, weights=None)
+    _, (trimmed,) = ties_float32_ref(base, [delta], 0.2, 1.0)
+    assert torch.equal(got, trimmed)
+    assert whole_vector_selections == [LARGE]

@@ -98,9 +98,13 @@ def test_dare_replays_bit_for_bit_and_its_seed_matters(host, models):
     assert not torch.equal(first[IN04_KEY], other[IN04_KEY])
 
 
-def test_an_inpainting_base_keeps_its_extra_channels_under_any_method(host, models):
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("task_arithmetic", {"lambda": 0.5}), ("ties", {"lambda": 0.5, "density": 1.0})],  # TIES reads stored inputs
+)
+def test_an_inpainting_base_keeps_its_extra_channels_under_any_method(host, models, method, params):
     make(models / "inpaint.safetensors", variant_specs(SD15, 9), seed=5)
-    node = tree("task_arithmetic", "inpaint.safetensors", "b.safetensors", params={"lambda": 0.5})
+    node = tree(method, "inpaint.safetensors", "b.safetensors", params=params)
     result = merge(request(node), host)
     merged, base, b = load(result.path)[UNET_IN], *(t[UNET_IN] for t in inputs(models, "inpaint", "b"))
     assert merged.shape[1] == 9 and result.path.name == "out.inpainting.safetensors"

@@ -218,3 +218,46 @@ def test_api_merges_refuses_bad_input_and_honours_the_inpainting_rule(webui):
         "/merge-lab/v1/merge", {"primary_model_name": "no-such-model", "secondary_model_name": "rand_b.safetensors"}
     )
     assert 400 <= status < 500 and "no-such-model" in json.dumps(answer)
+
+
+def test_ties_with_a_block_preset_from_the_tab_and_a_soup_recipe_through_the_api(page, webui):
+    open_merge_lab(page)
+    page.get_by_role("radio", name="TIES", exact=True).check()
+    page.wait_for_selector("#merge_lab_param_density", state="visible")
+    pick(page, "merge_lab_primary", "rand_a")
+    pick(page, "merge_lab_secondary", "rand_b")
+    page.locator("#merge_lab_custom_name textarea").fill(f"{MERGED}_ties")
+    page.locator("#merge_lab_save_as_half input").check()
+    page.locator("#merge_lab_load input").uncheck()
+    page.locator("#merge_lab_blocks").get_by_text("Block weights").click()
+    pick(page, "merge_lab_block_param", "lambda")
+    pick(page, "merge_lab_block_preset", "ramp_in_out")
+    page.wait_for_function("() => document.querySelectorAll('#merge_lab_block_chart svg rect').length === 26")
+    page.wait_for_function(
+        "() => document.querySelector('#merge_lab_preflight textarea').value.includes('lambda per block')"
+    )
+    shot(page, "webui-merge-lab-ties-blocks.png")
+    page.locator("#merge_lab_merge").click()
+    page.locator("#merge_lab_result .merge-lab-done").last.wait_for(timeout=900_000)
+    assert f"{MERGED}_ties.safetensors" in page.locator("#merge_lab_result").last.inner_text()
+
+    # The output carries its recipe: the tree with TIES's parameters and the preset spelled out per block.
+    header = (webui / f"{MERGED}_ties.safetensors").open("rb")
+    size = int.from_bytes(header.read(8), "little")
+    metadata = json.loads(header.read(size))["__metadata__"]
+    header.close()
+    merge = json.loads(metadata["sd_merge_recipe"])["merge_lab_recipe"]["merge"]
+    assert merge["method"] == "ties" and merge["params"]["density"] == 0.2
+    assert [m["model"] for m in merge["models"]] == ["rand_a.safetensors", "rand_b.safetensors"]
+    per_block = [float(value) for value in merge["blocks"]["lambda"].split(",")]
+    assert len(per_block) == 26 and len(set(per_block)) > 2  # BASE + 25 blocks of a ramp
+
+    status, methods = call("/merge-lab/v1/methods")
+    assert status == 200 and {"ties", "dare", "soup", "slerp"} <= {m["name"] for m in methods}
+    recipe = (
+        "merge:\n  method: soup\n  models:\n    - model: rand_a.safetensors\n    - model: rand_b.safetensors\n"
+        f"output:\n  custom_name: {MERGED}_soup\n  save_as_half: true\n"
+    )
+    status, answer = call("/merge-lab/v1/merge", {"recipe": recipe})
+    assert status == 200, answer
+    assert answer["title"].startswith(f"{MERGED}_soup.safetensors [") and not answer["loaded"]

@@ -105,6 +105,9 @@ class Method:
     keyed: bool = False
     # Whole-tensor methods compute in float32: float64 copies of N inputs would not fit the memory budget.
     float32: bool = False
+    # Float32 methods that read their inputs as stored (any float dtype, never modified) and work
+    # through them in slices themselves, so no full-size float copy of each input is made.
+    stored_inputs: bool = False
     # Picks which of the given models take part (average_last keeps the newest N); None: all of them.
     choose: Callable | None = field(default=None, compare=False)
     doc: str = field(default="", compare=False)
@@ -171,6 +174,7 @@ def method(
     variadic: int = 0,
     keyed: bool = False,
     float32: bool = False,
+    stored_inputs: bool = False,
     choose: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register ``func`` under ``name``; registering a name twice is a programming error.
@@ -184,7 +188,19 @@ def method(
         specs = {key: value if isinstance(value, Param) else Param(key, value) for key, value in params.items()}
         doc = (func.__doc__ or "").strip()
         METHODS[name] = Method(
-            name, func, inputs, specs, label, optional, elementwise, variadic, keyed, float32, choose, doc
+            name,
+            func,
+            inputs,
+            specs,
+            label,
+            optional,
+            elementwise,
+            variadic,
+            keyed,
+            float32 or stored_inputs,
+            stored_inputs,
+            choose,
+            doc,
         )
         return func
 
