@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 
-from .engine import MergeResult, Progress, ProgressFn, StopFn
+import torch
+
+from .engine import InPlaceResult, MergeResult, Progress, ProgressFn, StopFn
 from .errors import (
     CancelledError,
     IncompatibleModelsError,
@@ -31,6 +34,7 @@ __all__ = [
     "Checkpoint",
     "FolderHost",
     "Host",
+    "InPlaceResult",
     "IncompatibleModelsError",
     "InputError",
     "MergeError",
@@ -44,6 +48,7 @@ __all__ = [
     "get_method",
     "make_plan",
     "merge",
+    "merge_into",
     "preflight",
     "run_modelmerger",
 ]
@@ -87,6 +92,37 @@ def merge(
         "total_s": time.perf_counter() - started,
     }
     return MergeResult(plan.output, sha256, json.loads(recipe) if recipe else None, timings, name, config, notes)
+
+
+def merge_into(
+    request: MergeRequest,
+    host: Host,
+    target: Mapping[str, torch.Tensor],
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> InPlaceResult:
+    """The merge copied into ``target``'s tensors in place (a loaded model's state dict): no file.
+
+    Same plan, same per-key loop and same tensors as ``merge``; only the sink differs, so saving
+    the same request afterwards writes exactly what was tried.
+    """
+    from . import engine
+    from .recipe import recipe_dict, recipe_hash
+
+    started = time.perf_counter()
+    plan = make_plan(request, host)
+    try:
+        plan.check(ignore_output=True)
+        planned = time.perf_counter()
+        device = host.device() if request.device in ("", "auto") else request.device
+        missing, notes = engine.run_into(plan, device, target, progress=progress, should_stop=should_stop)
+    finally:
+        plan.close()
+    recipe = recipe_dict(request, plan.tree)
+    timings = {"preflight_s": planned - started, "merge_s": time.perf_counter() - planned}
+    name = plan.output.name[: -len(plan.output.suffix)] if plan.output.suffix else plan.output.name
+    return InPlaceResult(name, recipe, recipe_hash(recipe), missing, timings, notes)
 
 
 def run_modelmerger(

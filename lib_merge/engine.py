@@ -11,13 +11,13 @@ float64 scratch buffers, never a model.
 from __future__ import annotations
 
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import CancelledError, RequestError
+from .errors import CancelledError, IncompatibleModelsError, RequestError
 from .io.writer import CkptWriter, SafetensorsWriter
 from .plan import Job, Plan
 from .steps import Step
@@ -48,6 +48,18 @@ class MergeResult:
     notes: list[str] = field(default_factory=list)
 
 
+@dataclass
+class InPlaceResult:
+    """A merge copied into existing tensors (a loaded model): what it was, and how to name it."""
+
+    name: str  # the file name the same merge would get, without its extension
+    recipe: dict  # the recipe as merged (inputs' sha256 filled in where known)
+    recipe_hash: str  # short hash of that recipe, to trace an image back to it
+    missing: list[str]  # merged keys the target has no tensor for
+    timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+
 ProgressFn = Callable[[Progress], None]
 StopFn = Callable[[], bool]
 
@@ -57,8 +69,33 @@ def run(
 ) -> tuple[str, list[str]]:
     """Write the plan's output; returns its sha256 and notes (e.g. tensors moved to the CPU)."""
     plan.check()
-    compute = _Compute(plan, usable_device(device))
-    writer = _open_writer(plan)
+    compute = _Compute(plan, usable_device(device))  # a bad device is refused before a temp file exists
+    return _loop(plan, compute, _open_writer(plan), progress, should_stop)
+
+
+def run_into(
+    plan: Plan,
+    device: str,
+    target: Mapping[str, torch.Tensor],
+    *,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> tuple[list[str], list[str]]:
+    """Copy each merged tensor into ``target[key]`` in place, writing no file.
+
+    ``target`` maps keys to existing tensors (a module's ``state_dict()`` shares their storage); each
+    takes the merged values in its own dtype and device, as loading the merged file into it would.
+    Returns the merged keys ``target`` lacks, and notes. After an error or a cancel some tensors hold
+    merged values and others do not: the caller reloads what it had.
+    """
+    plan.check(ignore_output=True)
+    into = _IntoMapping(target)
+    _, notes = _loop(plan, _Compute(plan, usable_device(device)), into, progress, should_stop)
+    return into.missing, notes
+
+
+def _loop(plan: Plan, compute: _Compute, sink, progress: ProgressFn | None, should_stop: StopFn | None):
+    """The one per-key loop: prefetch the next key, compute this one, hand it to the sink."""
     buffers = _BufferPool(max((job.spec.nbytes for job in plan.jobs), default=0))
     total_bytes = sum(job.spec.nbytes for job in plan.jobs)
     done_bytes = 0
@@ -69,14 +106,43 @@ def run(
             if index + 1 < len(plan.jobs):
                 _prefetch(plan, plan.jobs[index + 1])
             tensor, release = compute.output(job, buffers)
-            writer.add(job.key, tensor, release)
+            sink.add(job.key, tensor, release)
             done_bytes += job.spec.nbytes
             if progress is not None:
                 progress(Progress(index + 1, len(plan.jobs), done_bytes, total_bytes, job.key, compute.pop_note()))
-        return writer.finish(), compute.notes
+        return sink.finish(), compute.notes
     except BaseException:
-        writer.abort()
+        sink.abort()
         raise
+
+
+class _IntoMapping:
+    """A sink like the writers', that copies each tensor into an existing one instead of a file."""
+
+    def __init__(self, target: Mapping[str, torch.Tensor]):
+        self.target = target
+        self.missing: list[str] = []
+
+    def add(self, key: str, tensor: torch.Tensor, release: Callable[[], None] | None = None) -> None:
+        try:
+            existing = self.target.get(key)
+            if existing is None:
+                self.missing.append(key)
+            elif existing.shape != tensor.shape:
+                raise IncompatibleModelsError(
+                    f"{key}: the loaded model has shape {list(existing.shape)}, the merge {list(tensor.shape)}"
+                )
+            else:
+                existing.copy_(tensor)
+        finally:
+            if release is not None:
+                release()
+
+    def finish(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        return None
 
 
 def usable_device(name: str) -> torch.device:

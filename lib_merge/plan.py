@@ -78,9 +78,11 @@ class Plan:
     def ok(self) -> bool:
         return not self.problems
 
-    def check(self) -> None:
-        if self.problems:
-            raise self.problems[0]
+    def check(self, *, ignore_output: bool = False) -> None:
+        """Raise the first problem found in preflight; ``ignore_output`` when no file will be written."""
+        problems = [p for p in self.problems if not (ignore_output and isinstance(p, OutputError))]
+        if problems:
+            raise problems[0]
 
     def reader(self, role: str) -> CheckpointReader:
         return self.sources[role].reader
@@ -230,15 +232,19 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     if any(ref.sha256 for ref in tree.models()):
         known = {role: item.sha256 for role, item in zip(sources, inputs, strict=True)}
         _check_input_hashes(tree, roles, sources, known, host, hash_inputs, problems)
-    merged_tree = _as_given(tree, bound).with_hashes({name: inputs[i].sha256 for i, name in enumerate(roles)})
-    checkpoints = {name: sources[role].checkpoint for name, role in roles.items()}
+    # The recipe names each input as the host lists it (a webui title's " [hash]" dropped) and by sha256.
+    refs = {
+        name: ModelRef(sources[role].checkpoint.name, inputs[i].sha256) for i, (name, role) in enumerate(roles.items())
+    }
+    merged_tree = _as_given(tree, bound).with_refs(refs)
+    checkpoints = {refs[name].name: sources[role].checkpoint for name, role in roles.items()}
     output = _output_path(request, merged_tree, checkpoints, host, variant)
     first_three = [s.checkpoint for s in sources.values()][:3]
     config = meta.config_to_copy(request.config_source, *first_three, *[None] * (3 - len(first_three)))
     plan = Plan(
         request,
         merged_tree,
-        roles,
+        {refs[name].name: role for name, role in roles.items()},
         sources,
         vae,
         jobs,

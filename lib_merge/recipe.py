@@ -17,6 +17,7 @@ serialised ``MergeRequest``: the tree plus the request's output fields, under th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -88,11 +89,11 @@ class MergeNode:
             elif not item.name:
                 raise RequestError(f"{where}.models[{index}]: empty model name")
 
-    def with_hashes(self, hashes: dict[str, str | None]) -> MergeNode:
-        """The same tree with each model's sha256 filled in from ``hashes`` (name -> sha256)."""
+    def with_refs(self, refs: dict[str, ModelRef]) -> MergeNode:
+        """The same tree with each model input replaced by ``refs[its name]`` (name as the host
+        knows it, sha256), where given."""
         inputs = tuple(
-            item.with_hashes(hashes) if isinstance(item, MergeNode) else ModelRef(item.name, hashes.get(item.name))
-            for item in self.inputs
+            item.with_refs(refs) if isinstance(item, MergeNode) else refs.get(item.name, item) for item in self.inputs
         )
         return dataclasses.replace(self, inputs=inputs)
 
@@ -153,6 +154,13 @@ def recipe_dict(request, tree: MergeNode | None = None) -> dict:
     """The recipe of a request: its tree (or ``tree``, the one as merged) and its output fields."""
     output = {name: getattr(request, name) for name in OUTPUT_FIELDS}
     return {"merge_lab_recipe": VERSION, "merge": (tree or request.root()).to_dict(), "output": output}
+
+
+def recipe_hash(recipe: dict) -> str:
+    """A short, stable name for a recipe: sha256 of its canonical JSON, 10 hex digits like the
+    webui's short checkpoint hashes, so an image's infotext leads back to the recipe."""
+    canonical = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
 def request_from_recipe(data, **run_options):
