@@ -115,6 +115,34 @@ def run_merge(
     return MergeOutcome(title, result.path, result.sha256, loaded, time.perf_counter() - started, notes)
 
 
+@dataclass
+class TryOutcome:
+    """A merge tried in the loaded model: what to call it, how to find its recipe again."""
+
+    name: str
+    recipe_hash: str
+    recipe: dict
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def message(self) -> str:
+        return (
+            f"Trying: {self.name} [{self.recipe_hash}] in the loaded model, no file written "
+            f"({self.seconds:.1f} s). Generate in txt2img; Merge saves it."
+        )
+
+
+def run_try(host: AppHost, request: MergeRequest, *, task_id: str = "") -> TryOutcome:
+    """Merge into the host's loaded model as one host job; a host without one refuses."""
+    if not hasattr(host, "try_merge"):
+        raise RequestError("Try merges into the webui's loaded model; here there is none (save the merge instead)")
+    started = time.perf_counter()
+    with host.job(task_id):
+        result = host.try_merge(request, progress=host.report, should_stop=host.should_stop)
+    notes = [f"{len(result.missing)} merged keys are not in the loaded model"] if result.missing else []
+    return TryOutcome(result.name, result.recipe_hash, result.recipe, time.perf_counter() - started, notes)
+
+
 def read_metadata(host: AppHost, names: list[str]) -> str:
     """The picked checkpoints' metadata merged into one JSON object, later picks winning (the built-in's)."""
     metadata: dict[str, str] = {}

@@ -68,11 +68,31 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
             "notes": outcome.notes,
         }
 
+    async def try_in_model(body: MergeBody):  # type: ignore[valid-type]
+        fields = body.dict() if hasattr(body, "dict") else body.model_dump()
+        try:
+            request, _ = actions.request_from_fields(fields)
+            outcome = await asyncio.to_thread(actions.run_try, host, request, task_id=fields["id_task"])
+        except MergeError as err:
+            raise HTTPException(status_code=_status(err), detail=str(err)) from None
+        return {
+            "name": outcome.name,
+            "recipe_hash": outcome.recipe_hash,
+            "recipe": outcome.recipe,
+            "seconds": round(outcome.seconds, 3),
+            "notes": outcome.notes,
+        }
+
+    try_in_model.__doc__ = (
+        "Merge into the webui's loaded model without writing a file (same fields as merge); images "
+        "generated next name the merge and its recipe hash in their infotext."
+    )
     merge.__doc__ = (
         f"Merge checkpoints like the built-in run_modelmerger (interp_method: {methods}), "
         "or what a recipe describes (the `recipe` field; see GET /merge-lab/v1/methods)."
     )
     app.add_api_route(f"{PREFIX}/merge", merge, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/try", try_in_model, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/methods", method_listing, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/models", lambda: _models(host), methods=["GET"], dependencies=dependencies)
 

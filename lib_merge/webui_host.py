@@ -8,15 +8,16 @@ never read again), its queue lock and progress state, and its own way to switch 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from modules import call_queue, devices, hashes, sd_models, sd_vae, shared
+from modules import call_queue, devices, hashes, sd_hijack, sd_models, sd_vae, shared
 from modules import progress as webui_progress
 
-from .errors import InputError
+from .errors import InputError, RequestError
 from .host import Checkpoint, devices_here, hash_file
 
 MERGE_JOB = "merge-lab"  # shared.state.job while a merge runs
@@ -91,6 +92,44 @@ class WebuiHost:
             raise
         shared.opts.save(shared.config_filename)
         return title
+
+    def try_merge(self, request, *, progress=None, should_stop=None):
+        """The merge streamed into the loaded model, no file: the primary is loaded the webui's way,
+        then each merged tensor is copied into its weights in place (``lib_merge.merge_into``).
+
+        Keys without "model" in their name are never merged (the built-in's rule), so the primary's
+        values, which the webui may have adjusted after loading (the alphas schedule), stay. The
+        model keeps the primary's file name, so generating does not reload it; a fresh checkpoint
+        info names the merge in the infotext (Model: its name, Model hash: its recipe hash) and
+        makes the webui drop prompt conditionings cached for the old text encoder.
+        """
+        from . import merge_into
+
+        _refuse_what_try_cannot_do()
+        self.load(next(request.root().models()).name)  # no reload when it is loaded (or tried on) already
+        model = shared.sd_model
+        keep_vae = sd_vae.loaded_vae_file is not None  # a VAE chosen in settings wins over the checkpoint's
+        sd_hijack.model_hijack.undo_hijack(model)  # the state dict under its checkpoint key names
+        try:
+            state = model.state_dict()
+            weights = {
+                key: tensor
+                for key, tensor in state.items()
+                if "model" in key and not (keep_vae and key.startswith("first_stage_model."))
+            }
+            result = merge_into(request, self, weights, progress=progress, should_stop=should_stop)
+            result.missing = [key for key in result.missing if key not in state]  # left out on purpose: not missing
+        except BaseException:
+            sd_hijack.model_hijack.hijack(model)
+            sd_models.reload_model_weights(forced_reload=True)  # half-merged weights are not kept
+            raise
+        sd_hijack.model_hijack.hijack(model)
+        _forget_weight_backups(model)
+        tried = copy.copy(model.sd_checkpoint_info)
+        tried.name_for_extra = result.name
+        model.sd_checkpoint_info = tried
+        model.sd_model_hash = result.recipe_hash
+        return result
 
     @contextlib.contextmanager
     def job(self, task_id: str = "") -> Iterator[None]:
@@ -168,3 +207,25 @@ def _checkpoint_info(name: str):
     if info is None:
         raise InputError(f"{name}: not in the webui's checkpoint list (press refresh, or check the name)")
     return info
+
+
+def _refuse_what_try_cannot_do() -> None:
+    """Cases where weights written in place would differ from loading the merged file: refused."""
+    if devices.fp8:
+        raise RequestError("Try: the model is held in fp8 (FP8 weight setting); save the merge and load it instead")
+    if getattr(shared.opts, "sd_checkpoints_limit", 1) > 1:
+        raise RequestError(
+            "Try: the webui keeps several checkpoints loaded (Maximum number of checkpoints loaded at the same "
+            "time > 1), and would reuse the tried model as the primary; set it to 1 or save the merge instead"
+        )
+
+
+def _forget_weight_backups(model) -> None:
+    """The built-in Lora extension keeps each layer's weights from before a LoRA was applied, and
+    restores them when the LoRAs change; after new weights those backups are stale. Loading a state
+    dict clears them the same way (its load_state_dict hook)."""
+    for module in model.modules():
+        if hasattr(module, "network_current_names"):
+            module.network_current_names = ()
+            module.network_weights_backup = None
+            module.network_bias_backup = None

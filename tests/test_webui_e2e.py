@@ -13,7 +13,9 @@ The merged files it makes (2 GB each) are deleted at the end. MERGE_LAB_SCREENSH
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -261,3 +263,40 @@ def test_ties_with_a_block_preset_from_the_tab_and_a_soup_recipe_through_the_api
     status, answer = call("/merge-lab/v1/merge", {"recipe": recipe})
     assert status == 200, answer
     assert answer["title"].startswith(f"{MERGED}_soup.safetensors [") and not answer["loaded"]
+
+
+def pixels_and_model(body: dict) -> tuple[str, str]:
+    """txt2img through the API: a hash of the image's pixels (not of the PNG, whose text chunk holds
+    the infotext) and the infotext's Model / Model hash fields."""
+    from PIL import Image
+
+    status, answer = call("/sdapi/v1/txt2img", body)
+    assert status == 200, answer
+    image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+    info = json.loads(answer["info"])["infotexts"][0]
+    fields = ", ".join(f for f in info.split(", ") if f.startswith("Model"))
+    return hashlib.sha256(image.tobytes()).hexdigest(), fields
+
+
+def test_try_merges_into_the_loaded_model_and_its_images_match_the_saved_file(webui):
+    image = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
+    models = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
+    call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+    primary = pixels_and_model(image)
+    before = sorted(p.name for p in webui.iterdir())
+
+    status, tried = call("/merge-lab/v1/try", {**models, "multiplier": 0.4})
+    assert status == 200, tried
+    assert sorted(p.name for p in webui.iterdir()) == before  # no file
+    with_try = pixels_and_model(image)
+    assert with_try[1] == f"Model hash: {tried['recipe_hash']}, Model: {tried['name']}"
+    assert with_try[0] != primary[0]
+    assert pixels_and_model(image) == with_try  # generating again does not reload the primary
+
+    status, saved = call("/merge-lab/v1/merge", {**models, "multiplier": 0.4, "custom_name": f"{MERGED}_try"})
+    assert status == 200, saved
+    call("/sdapi/v1/options", {"sd_model_checkpoint": saved["title"]})
+    assert pixels_and_model(image)[0] == with_try[0]  # the saved file gives the tried model's pixels
+
+    call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+    assert pixels_and_model(image) == primary  # loading another checkpoint restores the webui's state

@@ -4,6 +4,7 @@ import torch
 
 device = torch.device("cpu")
 gc_calls = 0
+fp8 = False  # the webui sets it when the model is held in float8
 
 
 def torch_gc():
