@@ -78,8 +78,7 @@ def merge(
     try:
         plan.check()
         planned = time.perf_counter()
-        device = host.device() if request.device in ("", "auto") else request.device
-        sha256, notes = engine.run(plan, device, progress=progress, should_stop=should_stop)
+        sha256, notes = engine.run(plan, _device(request, host), progress=progress, should_stop=should_stop)
         written = time.perf_counter()
         config = copy_config(plan.config, plan.output) if plan.config else None
         name = host.register(plan.output, sha256)
@@ -115,14 +114,19 @@ def merge_into(
     try:
         plan.check(ignore_output=True)
         planned = time.perf_counter()
-        device = host.device() if request.device in ("", "auto") else request.device
-        missing, notes = engine.run_into(plan, device, target, progress=progress, should_stop=should_stop)
+        missing, notes = engine.run_into(
+            plan, _device(request, host), target, progress=progress, should_stop=should_stop
+        )
     finally:
         plan.close()
     recipe = recipe_dict(request, plan.tree)
     timings = {"preflight_s": planned - started, "merge_s": time.perf_counter() - planned}
-    name = plan.output.name[: -len(plan.output.suffix)] if plan.output.suffix else plan.output.name
-    return InPlaceResult(name, recipe, recipe_hash(recipe), missing, timings, notes)
+    return InPlaceResult(plan.output.stem, recipe, recipe_hash(recipe), missing, timings, notes)
+
+
+def _device(request: MergeRequest, host: Host) -> str:
+    """The request's device, or the host's when the request says auto."""
+    return host.device() if request.device in ("", "auto") else request.device
 
 
 def run_modelmerger(

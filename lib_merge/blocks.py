@@ -149,7 +149,8 @@ class BlockValues:
         return ",".join(f"{block}={_text(value)}" for block, value in self.values.items())
 
 
-def _number(text: str, where: str) -> float:
+def finite_number(text: str, where: str) -> float:
+    """``text`` as a finite float; else a RequestError at ``where`` naming it."""
     try:
         number = float(text)
     except ValueError:
@@ -190,7 +191,7 @@ def _from_list(items: list[str], family: str, where: str) -> dict[str, float]:
         if len(items) == len(names) - 1:
             message += " (the first value is BASE)"
         raise RequestError(_with_note(message, family))
-    return {name: _number(item, where) for name, item in zip(names, items, strict=True)}
+    return {name: finite_number(item, where) for name, item in zip(names, items, strict=True)}
 
 
 def _override(item: str, values: dict[str, float], family: str, where: str) -> None:
@@ -199,7 +200,7 @@ def _override(item: str, values: dict[str, float], family: str, where: str) -> N
     pattern = pattern.strip().upper()
     if not equals or not pattern:
         raise RequestError(f"{where}: {item!r} is not BLOCK=value (e.g. IN04=0.3 or OUT*=0.7)")
-    value = _number(number.strip(), where)
+    value = finite_number(number.strip(), where)
     matched = [block for block in _settable(family) if fnmatchcase(block, pattern)]
     if not matched:
         message = f"{where}: {pattern!r} matches no {family} block ({_layout_text(family)})"
@@ -224,7 +225,7 @@ def parse_blocks(text: str, family: str, *, param: str, default: float) -> Block
     """
     where = f"blocks.{param}"
     _known_family(family, where)
-    default = _number(str(default), where)
+    default = finite_number(str(default), where)
     if not text.strip():
         return BlockValues(family, default)
     items = [item.strip() for item in text.split(",")]

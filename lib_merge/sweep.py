@@ -9,12 +9,11 @@ name or a block list) of a per-block parameter. Points come row-major: y outer, 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from dataclasses import dataclass
 
 from .arch import SD1
-from .blocks import parse_blocks
+from .blocks import finite_number, parse_blocks
 from .errors import RequestError
 from .methods import BOOL, FLOAT, INT, Method, Param, get_method
 from .recipe import MergeNode
@@ -157,7 +156,7 @@ def _range(item: str, where: str) -> list[float]:
     parts = item.split(":")
     if len(parts) != 3:
         raise RequestError(f"{where}: {item!r} is not a range start:stop:step (e.g. 0.2:0.6:0.1)")
-    start, stop, step = (_finite(part.strip(), item, where) for part in parts)
+    start, stop, step = (finite_number(part.strip(), f"{where}: {item!r}") for part in parts)
     if step == 0:
         raise RequestError(f"{where}: {item!r}: the step is 0")
     if (stop - start) * step < 0:
@@ -169,16 +168,6 @@ def _range(item: str, where: str) -> list[float]:
             raise RequestError(f"{where}: {item!r} gives more than {MAX_VALUES} values")
         values.append(round(start + len(values) * step, _DECIMALS) + 0.0)  # + 0.0: no -0
     return values
-
-
-def _finite(text: str, item: str, where: str) -> float:
-    try:
-        number = float(text)
-    except ValueError:
-        raise RequestError(f"{where}: {item!r}: {text!r} is not a number") from None
-    if not math.isfinite(number):
-        raise RequestError(f"{where}: {item!r}: {text!r} is not a finite number")
-    return number
 
 
 def _block_texts(text: str, param: Param, family: str, where: str) -> tuple[str, ...]:
