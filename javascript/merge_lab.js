@@ -1,5 +1,6 @@
-// Merge Lab's page-side parts, and nothing else: the progress bar while a merge runs, the top
-// "Stable Diffusion checkpoint" dropdown after it, and switching to txt2img. The webui injects
+// Merge Lab's page-side parts, and nothing else: the progress bar while a merge, a try or a sweep
+// runs, the top "Stable Diffusion checkpoint" dropdown after it, switching to txt2img, and reading
+// txt2img's settings for a sweep. The webui injects
 // this file; the functions it calls (randomId, requestProgress, selectCheckpoint,
 // switch_to_txt2img, onUiUpdate, gradioApp) are the webui's own.
 
@@ -18,6 +19,48 @@ function mergeLabMerge() {
 
 function mergeLabOpenTxt2img() {
     return mergeLabSubmit(true, arguments);
+}
+
+// Try and Sweep: the progress bar follows the job; values[0] is merge_lab_task_id.
+function mergeLabTask() {
+    var id = randomId();
+    requestProgress(id, gradioApp().getElementById("merge_lab_results_panel"), null, function() {});
+    var values = Array.from(arguments);
+    values[0] = id;
+    return values;
+}
+
+// txt2img's current values of the sweep's image fields, in their order: prompt, negative prompt,
+// seed, steps, width, height, sampler, CFG scale. A field not found keeps the sweep's own value.
+function mergeLabTxt2imgValues(current) {
+    var selectors = [
+        "#txt2img_prompt textarea", "#txt2img_neg_prompt textarea",
+        "#script_txt2img_seed_seed input, #txt2img_seed input", "#txt2img_steps input[type=number]",
+        "#txt2img_width input[type=number]", "#txt2img_height input[type=number]",
+        "#txt2img_sampling input, #txt2img_sampling select", "#txt2img_cfg_scale input[type=number]",
+    ];
+    return selectors.map(function(selector, index) {
+        var element = gradioApp().querySelector(selector);
+        if (!element || element.value === "") {
+            return current[index];
+        }
+        return index < 2 || index === 6 ? element.value : Number(element.value);
+    });
+}
+
+function mergeLabFromTxt2img() {
+    return mergeLabTxt2imgValues(Array.from(arguments));
+}
+
+// Sweep with an empty prompt: the image fields come from txt2img (values[5..12], after the task
+// id and the four axis fields).
+function mergeLabSweep() {
+    var values = mergeLabTask.apply(null, arguments);
+    if (values[5] === "") {
+        var image = mergeLabTxt2imgValues(values.slice(5, 13));
+        values.splice(5, 8, ...image);
+    }
+    return values;
 }
 
 // A finished merge leaves <div class="merge-lab-done" data-title data-loaded data-open> in the result.

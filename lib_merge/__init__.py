@@ -23,7 +23,9 @@ from .errors import (
     UnsafePickleError,
 )
 from .host import Checkpoint, FolderHost, Host
+from .io.input_cache import InputCache
 from .io.metadata import copy_config
+from .io.readers import open_checkpoint
 from .methods import METHODS, get_method
 from .plan import Plan, make_plan
 from .request import MergeRequest
@@ -36,6 +38,7 @@ __all__ = [
     "Host",
     "InPlaceResult",
     "IncompatibleModelsError",
+    "InputCache",
     "InputError",
     "MergeError",
     "MergeRequest",
@@ -100,17 +103,19 @@ def merge_into(
     *,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    inputs: InputCache | None = None,
 ) -> InPlaceResult:
     """The merge copied into ``target``'s tensors in place (a loaded model's state dict): no file.
 
     Same plan, same per-key loop and same tensors as ``merge``; only the sink differs, so saving
-    the same request afterwards writes exactly what was tried.
+    the same request afterwards writes exactly what was tried. ``inputs`` keeps the input
+    tensors between calls (a sweep), so only the first merge reads the files.
     """
     from . import engine
     from .recipe import recipe_dict, recipe_hash
 
     started = time.perf_counter()
-    plan = make_plan(request, host)
+    plan = make_plan(request, host, open_input=inputs.open if inputs is not None else open_checkpoint)
     try:
         plan.check(ignore_output=True)
         planned = time.perf_counter()

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import merge
+from . import arch, loop, merge
 from .errors import MergeError, RequestError
 from .host import AppHost
 from .io.readers import open_checkpoint
 from .plan import make_plan
 from .recipe import parse_recipe, request_from_recipe
 from .request import MergeRequest
+from .sweep import parse_axis
 
 # The built-in run_modelmerger's parameters after id_task, then Merge Lab's own options.
 WEBUI_FIELDS = tuple(f.name for f in dataclasses.fields(MergeRequest))[:15]
@@ -141,6 +142,25 @@ def run_try(host: AppHost, request: MergeRequest, *, task_id: str = "") -> TryOu
         result = host.try_merge(request, progress=host.report, should_stop=host.should_stop)
     notes = [f"{len(result.missing)} merged keys are not in the loaded model"] if result.missing else []
     return TryOutcome(result.name, result.recipe_hash, result.recipe, time.perf_counter() - started, notes)
+
+
+def sweep_axes(host: AppHost, request: MergeRequest, x: tuple[str, str], y: tuple[str, str] | None):
+    """The sweep's axes from (parameter, values text) pairs, checked against the request's method
+    and its primary model's family (block presets differ between SD1 and SDXL)."""
+    method = request.root().method
+    with open_checkpoint(host.resolve(next(request.root().models()).name).path) as reader:
+        family = arch.family_of(reader.keys())
+    axes = [parse_axis(param, text, method, family=family) for param, text in (x, y) if param]
+    if not axes:
+        raise RequestError("sweep.x: pick the parameter to sweep")
+    return axes[0], axes[1] if len(axes) > 1 else None
+
+
+def run_sweep(host, request: MergeRequest, x, y, settings, *, task_id: str = "", on_cell=None):
+    """A sweep in the host's loaded model (lib_merge.loop.run_sweep); a host without one refuses."""
+    if not hasattr(host, "generate"):
+        raise RequestError("Sweeps merge into the webui's loaded model and generate with it; here there is none")
+    return loop.run_sweep(host, request, x, y, settings, task_id=task_id, on_cell=on_cell)
 
 
 def read_metadata(host: AppHost, names: list[str]) -> str:

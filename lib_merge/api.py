@@ -20,6 +20,7 @@ from . import actions, arch
 from .errors import CancelledError, IncompatibleModelsError, MergeError, OutputError, RequestError
 from .host import AppHost
 from .io.readers import open_checkpoint
+from .loop import ImageSettings
 from .methods import METHODS
 from .request import MergeRequest
 
@@ -44,6 +45,22 @@ def _body_model():
 
 
 MergeBody = _body_model()
+
+
+def _sweep_body_model():
+    """A merge body plus the axes ("alpha", "0.2:0.6:0.1"; y optional) and txt2img's image fields."""
+    fields: dict[str, Any] = {
+        "x_param": (str, "alpha"),
+        "x_values": (str, ...),
+        "y_param": (str, ""),
+        "y_values": (str, ""),
+    }
+    for field in dataclasses.fields(ImageSettings):
+        fields[field.name] = (type(field.default), field.default)
+    return create_model("SweepBody", __base__=MergeBody, **fields)
+
+
+SweepBody = _sweep_body_model()
 
 
 def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None = None) -> None:
@@ -83,6 +100,39 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
             "notes": outcome.notes,
         }
 
+    async def sweep(body: SweepBody):  # type: ignore[valid-type]
+        fields = body.dict() if hasattr(body, "dict") else body.model_dump()
+        settings = ImageSettings(**{f.name: fields.pop(f.name) for f in dataclasses.fields(ImageSettings)})
+        axes = [(fields.pop(f"{axis}_param"), fields.pop(f"{axis}_values")) for axis in ("x", "y")]
+        try:
+            request, _ = actions.request_from_fields(fields)
+            x, y = actions.sweep_axes(host, request, axes[0], axes[1])
+            outcome = await asyncio.to_thread(
+                actions.run_sweep, host, request, x, y, settings, task_id=fields["id_task"]
+            )
+        except MergeError as err:
+            raise HTTPException(status_code=_status(err), detail=str(err)) from None
+        return {
+            "grid": str(outcome.grid_path) if outcome.grid_path else None,
+            "seed": outcome.seed,
+            "cancelled": outcome.cancelled,
+            "seconds": round(outcome.seconds, 3),
+            "cells": [
+                {
+                    "label": c.label,
+                    "name": c.name,
+                    "recipe_hash": c.recipe_hash,
+                    "recipe": c.recipe,
+                    "infotext": c.infotext,
+                }
+                for c in outcome.cells
+            ],
+        }
+
+    sweep.__doc__ = (
+        "Merge into the loaded model at each value of one parameter (and of a second one), generate an "
+        "image at each with the same seed, and save the annotated grid where the webui saves grids."
+    )
     try_in_model.__doc__ = (
         "Merge into the webui's loaded model without writing a file (same fields as merge); images "
         "generated next name the merge and its recipe hash in their infotext."
@@ -93,6 +143,7 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
     )
     app.add_api_route(f"{PREFIX}/merge", merge, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/try", try_in_model, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/sweep", sweep, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/methods", method_listing, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/models", lambda: _models(host), methods=["GET"], dependencies=dependencies)
 

@@ -79,8 +79,8 @@ class AppHost(Host, Protocol):
     def load(self, name: str) -> str:
         """Make a checkpoint the host's current model; returns its title."""
 
-    def job(self, task_id: str = "") -> contextlib.AbstractContextManager:
-        """Hold the host's job slot (one merge or generation at a time) for the block."""
+    def job(self, task_id: str = "", jobs: int = 1) -> contextlib.AbstractContextManager:
+        """Hold the host's job slot (one merge or generation at a time) for the block, which does ``jobs`` steps."""
 
     def report(self, progress) -> None:
         """Show a merge's progress where the host shows progress."""
@@ -197,7 +197,7 @@ class FolderHost:
         raise InputError(f"{name}: this host has no model to load; the file is ready in {self._output_dir}")
 
     @contextlib.contextmanager
-    def job(self, task_id: str = "") -> Iterator[None]:
+    def job(self, task_id: str = "", jobs: int = 1) -> Iterator[None]:
         with self._job_lock:
             self._stop.clear()  # a Cancel pressed before this job started is not for it
             yield

@@ -19,7 +19,7 @@ from . import arch, blocks
 from .errors import IncompatibleModelsError, InputError, MergeError, OutputError, RequestError
 from .host import Checkpoint, Host
 from .io import metadata as meta
-from .io.readers import CheckpointReader, SafetensorsReader, TensorSpec, open_checkpoint
+from .io.readers import CheckpointReader, TensorSpec, open_checkpoint
 from .io.writer import safetensors_header
 from .methods import Method, get_method
 from .recipe import MergeNode, ModelRef
@@ -122,11 +122,12 @@ class Plan:
             self.vae.close()
 
 
-def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True) -> Plan:
+def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True, open_input=open_checkpoint) -> Plan:
     """Open the inputs and work out the whole merge; problems are collected, not raised.
 
     ``hash_inputs=False`` is for a preflight that is shown, never run: it reads headers only,
     leaving the recipe's input hashes (a full read of every input) to the merge itself.
+    ``open_input`` opens a model file (a sweep's InputCache.open keeps its tensors between merges).
     """
     if request.tree is None:
         _check_builtin_inputs(request)
@@ -139,7 +140,7 @@ def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True) ->
     vae = None
     try:
         for name, role in roles.items():
-            sources[role] = Source(role, checkpoints[name], open_checkpoint(checkpoints[name].path))
+            sources[role] = Source(role, checkpoints[name], open_input(checkpoints[name].path))
         vae = _open_vae(request, host)
         return _plan(request, tree, roles, host, sources, vae, hash_inputs)
     except BaseException:
@@ -322,7 +323,7 @@ def _half(spec: TensorSpec, enable: bool) -> TensorSpec:
 
 def _write_order(reader: CheckpointReader) -> list[str]:
     """A's keys in file order, so A is read front to back."""
-    if isinstance(reader, SafetensorsReader):
+    if hasattr(reader, "data_offset"):
         return sorted(reader.keys(), key=reader.data_offset)
     return reader.keys()
 

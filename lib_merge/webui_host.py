@@ -14,11 +14,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from modules import call_queue, devices, hashes, sd_hijack, sd_models, sd_vae, shared
+from modules import call_queue, devices, hashes, images, processing, sd_hijack, sd_models, sd_samplers, sd_vae, shared
 from modules import progress as webui_progress
+from PIL import Image
 
-from .errors import InputError, RequestError
+from .errors import CancelledError, InputError, RequestError
 from .host import Checkpoint, devices_here, hash_file
+from .loop import Generated, ImageSettings
 
 MERGE_JOB = "merge-lab"  # shared.state.job while a merge runs
 
@@ -93,7 +95,7 @@ class WebuiHost:
         shared.opts.save(shared.config_filename)
         return title
 
-    def try_merge(self, request, *, progress=None, should_stop=None):
+    def try_merge(self, request, *, progress=None, should_stop=None, inputs=None):
         """The merge streamed into the loaded model, no file: the primary is loaded the webui's way,
         then each merged tensor is copied into its weights in place (``lib_merge.merge_into``).
 
@@ -101,13 +103,17 @@ class WebuiHost:
         values, which the webui may have adjusted after loading (the alphas schedule), stay. The
         model keeps the primary's file name, so generating does not reload it; a fresh checkpoint
         info names the merge in the infotext (Model: its name, Model hash: its recipe hash) and
-        makes the webui drop prompt conditionings cached for the old text encoder.
+        makes the webui drop prompt conditionings cached for the old text encoder. The request is
+        kept on that info (``tried_request``): the same request again costs nothing.
         """
         from . import merge_into
 
         _refuse_what_try_cannot_do()
         self.load(next(request.root().models()).name)  # no reload when it is loaded (or tried on) already
         model = shared.sd_model
+        previous = getattr(model.sd_checkpoint_info, TRIED, None)
+        if previous is not None and previous[0] == request:
+            return previous[1]
         keep_vae = sd_vae.loaded_vae_file is not None  # a VAE chosen in settings wins over the checkpoint's
         sd_hijack.model_hijack.undo_hijack(model)  # the state dict under its checkpoint key names
         try:
@@ -117,7 +123,7 @@ class WebuiHost:
                 for key, tensor in state.items()
                 if "model" in key and not (keep_vae and key.startswith("first_stage_model."))
             }
-            result = merge_into(request, self, weights, progress=progress, should_stop=should_stop)
+            result = merge_into(request, self, weights, progress=progress, should_stop=should_stop, inputs=inputs)
             result.missing = [key for key in result.missing if key not in state]  # left out on purpose: not missing
         except BaseException:
             sd_hijack.model_hijack.hijack(model)
@@ -127,19 +133,65 @@ class WebuiHost:
         _forget_weight_backups(model)
         tried = copy.copy(model.sd_checkpoint_info)
         tried.name_for_extra = result.name
+        setattr(tried, TRIED, (request, result))
         model.sd_checkpoint_info = tried
         model.sd_model_hash = result.recipe_hash
         return result
 
+    def tried_request(self):
+        """The request merged into the loaded model, or None when it holds a checkpoint as loaded."""
+        model = shared.sd_model
+        tried = getattr(getattr(model, "sd_checkpoint_info", None), TRIED, None)
+        return tried[0] if tried is not None else None
+
+    def restore(self) -> str:
+        """Reload the loaded checkpoint from its file (a tried merge is dropped); returns its title."""
+        sd_models.reload_model_weights(forced_reload=True)
+        return shared.sd_model.sd_checkpoint_info.title
+
+    def samplers(self) -> list[str]:
+        return list(sd_samplers.visible_sampler_names())
+
+    def generate(self, settings: ImageSettings) -> Generated:
+        """One txt2img image from the loaded model, saved as txt2img saves its images."""
+        p = _txt2img(settings)
+        p.scripts = None  # the sweep's images are plain txt2img; the txt2img tab's scripts are not run
+        try:
+            processed = processing.process_images(p)
+        finally:
+            p.close()
+        if shared.state.interrupted or not processed.images:
+            raise CancelledError("cancelled while generating")
+        return Generated(processed.images[0], processed.infotexts[0])
+
+    def save_grid(self, cells: list, x_labels: list[str], y_labels: list[str], settings: ImageSettings, info: str):
+        """The webui's grid and annotations, saved where it saves grids (when it saves grids)."""
+        width, height = cells[0].size
+        blank = Image.new("RGB", (width, height), shared.opts.grid_background_color)
+        cells = cells + [blank] * (len(x_labels) * len(y_labels) - len(cells))  # a row cut short by Cancel
+        grid = images.image_grid(cells, rows=len(y_labels))
+        grid = images.draw_grid_annotations(
+            grid, width, height, [[images.GridAnnotation(x)] for x in x_labels],
+            [[images.GridAnnotation(y)] for y in y_labels],
+        )  # fmt: skip
+        if not shared.opts.grid_save:
+            return grid, None
+        p = _txt2img(settings)
+        path, _ = images.save_image(
+            grid, p.outpath_grids, "merge_lab_sweep", settings.seed, settings.prompt, shared.opts.grid_format,
+            info=info, grid=True, p=p,
+        )  # fmt: skip
+        return grid, Path(path).resolve()
+
     @contextlib.contextmanager
-    def job(self, task_id: str = "") -> Iterator[None]:
+    def job(self, task_id: str = "", jobs: int = 1) -> Iterator[None]:
         """One job at a time with generation, visible in /sdapi/v1/progress and the page's progress bar."""
         task_id = task_id or f"task(merge-lab-{uuid.uuid4().hex[:12]})"
         webui_progress.add_task_to_queue(task_id)
         with call_queue.queue_lock:
             shared.state.begin(job=MERGE_JOB)
             webui_progress.start_task(task_id)
-            shared.state.job_count = 1
+            shared.state.job_count = jobs  # a sweep's points: the progress bar advances per image
             shared.state.textinfo = "Merge Lab: preflight"
             try:
                 yield
@@ -173,6 +225,7 @@ class WebuiHost:
         return credentials
 
 
+TRIED = "merge_lab_tried"  # on a tried model's checkpoint info: (request, InPlaceResult)
 SETTINGS_SECTION = ("merge_lab", "Merge Lab")
 
 
@@ -184,6 +237,46 @@ def on_ui_settings() -> None:
     )
     shared.opts.add_option("merge_lab_load_default", load_default.needs_reload_ui())
     shared.opts.add_option("merge_lab_device", device.needs_reload_ui())
+
+
+class XyzSession:
+    """The X/Y/Z plot's Merge Lab axes over the loaded model: they vary the merge tried in it."""
+
+    def __init__(self, host: WebuiHost):
+        self.host = host
+
+    def base(self):
+        request = self.host.tried_request()
+        if request is None:
+            raise RequestError(
+                "the loaded model is a checkpoint as loaded: Try a merge in the Merge Lab tab first; "
+                "the axis varies the merge tried in the model"
+            )
+        return request
+
+    def try_request(self, request) -> None:
+        self.host.try_merge(request)  # inside the plot's generation: the queue lock is held already
+
+    def family(self) -> str:
+        from . import arch
+        from .io.readers import open_checkpoint
+
+        with open_checkpoint(self.host.resolve(next(self.base().root().models()).name).path) as reader:
+            return arch.family_of(reader.keys())
+
+    def recipe_dir(self) -> None:
+        return None  # recipe files are given by path
+
+
+def on_before_ui() -> None:
+    """Merge Lab's axes in the built-in X/Y/Z plot, before the plot builds its UI from its list."""
+    from modules import scripts
+
+    from .xyz_axes import add_axes, find_xyz_module
+
+    xyz = find_xyz_module(scripts.scripts_data)
+    if xyz is not None:
+        add_axes(xyz, XyzSession(WebuiHost()))
 
 
 def on_ui_tabs():
@@ -207,6 +300,26 @@ def _checkpoint_info(name: str):
     if info is None:
         raise InputError(f"{name}: not in the webui's checkpoint list (press refresh, or check the name)")
     return info
+
+
+def _txt2img(settings: ImageSettings):
+    """A txt2img job as the txt2img tab makes one (output folders, one image)."""
+    opts = shared.opts
+    return processing.StableDiffusionProcessingTxt2Img(
+        sd_model=shared.sd_model,
+        outpath_samples=opts.outdir_samples or opts.outdir_txt2img_samples,
+        outpath_grids=opts.outdir_grids or opts.outdir_txt2img_grids,
+        prompt=settings.prompt,
+        negative_prompt=settings.negative_prompt,
+        seed=settings.seed,
+        steps=settings.steps,
+        width=settings.width,
+        height=settings.height,
+        cfg_scale=settings.cfg_scale,
+        sampler_name=settings.sampler or None,
+        batch_size=1,
+        n_iter=1,
+    )
 
 
 def _refuse_what_try_cannot_do() -> None:

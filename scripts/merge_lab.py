@@ -1,4 +1,4 @@
-"""Merge Lab in the webui: registers its tab, settings and API routes; the rest lives in lib_merge."""
+"""Merge Lab in the webui: registers its tab, settings, API routes and X/Y/Z plot axes; the rest lives in lib_merge."""
 
 from modules import script_callbacks
 
@@ -7,3 +7,4 @@ from lib_merge import webui_host
 script_callbacks.on_ui_tabs(webui_host.on_ui_tabs)
 script_callbacks.on_ui_settings(webui_host.on_ui_settings)
 script_callbacks.on_app_started(webui_host.on_app_started)
+script_callbacks.on_before_ui(webui_host.on_before_ui)

@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import make
+
+from lib_merge.recipe import VERSION, MergeNode, ModelRef, dump_recipe, request_from_recipe
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +102,29 @@ def choices(page, elem_id: str) -> list[str]:
     return [option.strip() for option in options]
 
 
+def value(page, elem_id: str) -> str:
+    """What a text box, number or slider (its number box) shows."""
+    return page.locator(f"#{elem_id} input[type=number], #{elem_id} textarea, #{elem_id} input").first.input_value()
+
+
+def write_recipe(path: Path, method: str, models: list[str], params: dict, blocks: dict, output: dict) -> Path:
+    node = MergeNode(method, tuple(ModelRef(name) for name in models), params, blocks)
+    path.write_text(dump_recipe({"merge_lab_recipe": VERSION, "merge": node.to_dict(), "output": output}))
+    return path
+
+
+def upload_recipe(page, path: Path) -> str:
+    """Open the Recipe accordion, give ``path`` to Load recipe and return the note it leaves."""
+    page.locator("#merge_lab_recipe").get_by_text("Recipe", exact=True).click()
+    # gradio 3 puts the hidden file input just before the button, gradio 4 inside it.
+    upload = page.locator("#merge_lab_load_recipe input[type=file], input[type=file]:has(+ #merge_lab_load_recipe)")
+    upload.set_input_files(path)
+    # gradio 3 repeats the id on the markdown inside the block (whose status timer would read as text).
+    note = "[...document.querySelectorAll('#merge_lab_recipe_note')].pop()"
+    page.wait_for_function(f"() => {note}.innerText.trim() !== ''")
+    return page.locator("#merge_lab_recipe_note").last.inner_text().strip()
+
+
 def test_pick_two_merge_and_see_the_result_in_the_dropdowns_and_on_disk(page, served):
     folder, _ = served
     pick(page, "merge_lab_primary", "alpha.safetensors")
@@ -169,3 +195,55 @@ def test_ties_with_a_block_preset_its_chart_and_a_saved_recipe(page, served):
     assert "method: ties" in text and "lambda: ramp_in_out" in text and "alpha.safetensors" in text
     if SCREENSHOTS:
         page.screenshot(path=str(ROOT / SCREENSHOTS / "merge-lab-blocks.png"), full_page=True)
+
+
+# From another method, the method's change event (which resets the parameters to their defaults)
+# fires after the load: the loaded values must survive it.
+@pytest.mark.parametrize("shown", ["TIES", pytest.param("Weighted sum", id="from-the-default-method")])
+def test_load_recipe_fills_the_controls_and_the_preflight_follows(page, served, tmp_path, shown):
+    recipe = write_recipe(
+        tmp_path / "ties.yaml", "ties", ["beta.safetensors", "alpha.safetensors"],
+        {"density": 0.35, "lambda": 0.8}, {"lambda": "IN*=0.5"}, {"custom_name": "from-recipe"},
+    )  # fmt: skip
+    request_from_recipe(yaml.safe_load(recipe.read_text()))  # a recipe the engine itself accepts
+    page.get_by_role("radio", name=shown, exact=True).check()
+    if shown == "TIES":  # the method's defaults, which the recipe's values differ from
+        page.wait_for_function(
+            "() => document.querySelector('#merge_lab_preflight textarea').value.startsWith('Pick 2')"
+        )
+        assert (value(page, "merge_lab_param_density"), value(page, "merge_lab_block_param")) == ("0.2", "density")
+
+    assert upload_recipe(page, recipe) == "Recipe loaded."
+    page.wait_for_function("() => document.querySelector('#merge_lab_preflight textarea').value.includes(' over A, B')")
+    assert page.get_by_role("radio", name="TIES", exact=True).is_checked()
+    assert page.locator("#merge_lab_param_density").is_visible()
+    assert value(page, "merge_lab_primary") == "beta.safetensors"
+    assert value(page, "merge_lab_secondary") == "alpha.safetensors"
+    assert value(page, "merge_lab_custom_name") == "from-recipe"
+    assert value(page, "merge_lab_block_text") == "IN*=0.5"
+    assert float(value(page, "merge_lab_param_density")) == 0.35
+    assert float(value(page, "merge_lab_param_lambda")) == 0.8
+    assert value(page, "merge_lab_block_param") == "lambda"
+    preflight = page.locator("#merge_lab_preflight textarea").input_value()
+    assert "Method: TIES (density 0.35, lambda 0.8, lambda per block) over A, B" in preflight, preflight
+    assert "A: beta.safetensors" in preflight and "from-recipe.safetensors" in preflight, preflight
+
+
+def test_a_recipe_with_an_unknown_method_is_named_and_changes_nothing(page, served, tmp_path):
+    pick(page, "merge_lab_primary", "alpha.safetensors")
+    pick(page, "merge_lab_secondary", "beta.safetensors")
+    good = write_recipe(
+        tmp_path / "good.yaml", "ties", ["beta.safetensors", "alpha.safetensors"],
+        {"density": 0.35}, {}, {"custom_name": "from-recipe"},
+    )  # fmt: skip
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(good.read_text().replace("method: ties\n", "method: ties-plus\n"))
+    assert "method: ties-plus\n" in recipe.read_text()
+
+    note = upload_recipe(page, recipe)
+    assert note.startswith("Could not load the recipe") and "unknown merge method" in note and "ties-plus" in note, note
+    assert page.get_by_role("radio", name="Weighted sum", exact=True).is_checked()
+    assert value(page, "merge_lab_primary") == "alpha.safetensors"
+    assert value(page, "merge_lab_secondary") == "beta.safetensors"
+    assert float(value(page, "merge_lab_multiplier")) == 0.3
+    assert value(page, "merge_lab_custom_name") == ""

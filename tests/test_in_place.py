@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import SD15, load, make
 
-from lib_merge import CancelledError, IncompatibleModelsError, MergeRequest, merge, merge_into
+from lib_merge import CancelledError, IncompatibleModelsError, InputCache, MergeRequest, merge, merge_into
 from lib_merge.recipe import recipe_dict, recipe_hash, request_from_recipe
+from lib_merge.steps import SKIP_ON_MERGE
 
 DROPPED = "model.diffusion_model.out.2.bias"  # a key the loaded model lacks, reported as missing
 
@@ -33,8 +34,8 @@ def sd15_module(dtype=torch.float16, without=()) -> torch.nn.Module:
     return root
 
 
-def weighted(name="try", **options):
-    return MergeRequest("a.safetensors", "b.safetensors", multiplier=0.35, custom_name=name, **options)
+def weighted(name="try", multiplier=0.35, **options):
+    return MergeRequest("a.safetensors", "b.safetensors", multiplier=multiplier, custom_name=name, **options)
 
 
 def test_the_merge_lands_in_the_module_in_place_as_loading_the_file_would(host, models):
@@ -102,3 +103,44 @@ def test_the_recipe_hash_follows_every_choice_of_the_merge(host, models):
     # The inputs are named by sha256 in the recipe, so a changed file changes the hash too.
     assert all(ref["sha256"] for ref in first.recipe["merge"]["models"])
     assert first.recipe == recipe_dict(weighted(), request_from_recipe(first.recipe).root())
+
+
+def test_a_sweep_reads_each_input_tensor_once_and_gets_the_same_tensors(host, models):
+    """Three merges over one InputCache: the files are read during the first only, every result
+    equals the uncached merge's, and the kept tensors are the files' values, unchanged."""
+    requests = [weighted(multiplier=alpha) for alpha in (0.2, 0.5, 1.3)]
+    before = {p.name: p.read_bytes() for p in models.iterdir()}
+    with InputCache("cpu", ram_budget=1 << 30) as inputs:
+        for index, request in enumerate(requests):
+            cached, plain = sd15_module(), sd15_module()
+            merge_into(request, host, cached.state_dict(), inputs=inputs)
+            merge_into(request, host, plain.state_dict())
+            assert all(torch.equal(t, plain.state_dict()[k]) for k, t in cached.state_dict().items())
+            if index == 0:
+                first_reads = inputs.reads
+        # All of A (every output key starts from it) and the keys B takes part in, once each.
+        merged = [key for key in SD15 if "model" in key and key != SKIP_ON_MERGE]
+        assert first_reads == len(SD15) + len(merged) and inputs.reads == first_reads
+        expected = sum(spec.nbytes for spec in SD15.values()) + sum(SD15[key].nbytes for key in merged)
+        assert inputs.kept_bytes == expected
+    assert {p.name: p.read_bytes() for p in models.iterdir()} == before
+
+
+def test_what_does_not_fit_the_budget_is_streamed_again(host, models):
+    biggest = max(spec.nbytes for spec in SD15.values())
+    with InputCache("cpu", ram_budget=biggest) as inputs:
+        for alpha in (0.2, 0.5):
+            merge_into(weighted(multiplier=alpha), host, sd15_module().state_dict(), inputs=inputs)
+        assert inputs.kept_bytes <= biggest
+        assert 2 * len(SD15) < inputs.reads < 4 * len(SD15)  # some kept, the rest read at both merges
+
+
+def test_a_replaced_input_file_is_read_afresh(host, models):
+    with InputCache("cpu", ram_budget=1 << 30) as inputs:
+        merge_into(weighted(), host, sd15_module().state_dict(), inputs=inputs)
+        make(models / "b.safetensors", seed=7)
+        module = sd15_module()
+        merge_into(weighted(), host, module.state_dict(), inputs=inputs)
+    expected = sd15_module()
+    merge_into(weighted(), host, expected.state_dict())
+    assert all(torch.equal(t, expected.state_dict()[k]) for k, t in module.state_dict().items())

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import make
 
-from lib_merge import actions
+from lib_merge import actions, xyz_axes
 from lib_merge.errors import CancelledError, InputError
 
 STANDIN = Path(__file__).parent / "webui_standin"
@@ -173,15 +173,29 @@ def test_the_entry_script_registers_the_tab_the_settings_and_the_routes(webui):
     callbacks = importlib.import_module("modules.script_callbacks")
     runpy.run_path(str(ROOT / "scripts" / "merge_lab.py"))
     assert {name: len(found) for name, found in callbacks.registered.items()} == {
-        "ui_tabs": 1, "ui_settings": 1, "app_started": 1,
+        "ui_tabs": 1, "ui_settings": 1, "app_started": 1, "before_ui": 1,
     }  # fmt: skip
 
     [(blocks, label, tab_id)] = callbacks.registered["ui_tabs"][0]()
     assert (label, tab_id) == ("Merge Lab", "merge_lab")
     elem_ids = {c.get("props", {}).get("elem_id") for c in blocks.config["components"]}
     assert {"merge_lab_primary", "merge_lab_merge_open", "merge_lab_load"} <= elem_ids
-    page_hooks = {dependency.get("js") for dependency in blocks.config["dependencies"]}
-    assert {"mergeLabMerge", "mergeLabOpenTxt2img"} <= page_hooks  # defined in javascript/merge_lab.js
+    page_hooks = {dependency.get("js") for dependency in blocks.config["dependencies"]} - {None}
+    assert {
+        "mergeLabMerge",
+        "mergeLabOpenTxt2img",
+        "mergeLabTask",
+        "mergeLabSweep",
+        "mergeLabFromTxt2img",
+    } <= page_hooks
+    script = (ROOT / "javascript" / "merge_lab.js").read_text()
+    assert all(f"function {hook}(" in script for hook in page_hooks)  # every hook the page is told to call exists
+
+    scripts = importlib.import_module("modules.scripts")
+    scripts.load_scripts([scripts.script_file(STANDIN / "xyz_grid_standin.py", "xyz_grid.py")])
+    callbacks.registered["before_ui"][0]()
+    xyz = scripts.scripts_data[0].module
+    assert [o.label for o in xyz.axis_options if o.label.startswith("Merge Lab")] == list(xyz_axes.LABELS)
 
     webui.shared.cmd_opts.api_auth = "user:pw"
     app = fastapi.FastAPI()

@@ -68,25 +68,40 @@ def build_recipe() -> dict:
             )
         recipe_file = gr.File(label="Recipe file", interactive=False, elem_id="merge_lab_recipe_file")
         recipe_note = gr.Markdown("", elem_id="merge_lab_recipe_note")
-    return {"save_recipe": save, "load_recipe": load, "recipe_file": recipe_file, "recipe_note": recipe_note}
+    loading = gr.State(None)  # a loaded recipe's values, until the method change it causes has applied them
+    return {"save_recipe": save, "load_recipe": load, "recipe_file": recipe_file, "recipe_note": recipe_note,
+            "loading_recipe": loading}  # fmt: skip
 
 
-def method_updates(label: str) -> list:
-    """Visibility of More models, the multiplier and each parameter control for the chosen method."""
+def method_updates(label: str, loading: dict | None = None) -> list:
+    """Visibility of More models, the multiplier and each parameter control for the chosen method,
+    each parameter at its default, or at the value of the recipe ``loading`` when it is for this
+    method; then None, which clears ``loading`` (a recipe is applied once).
+
+    gradio fires the method's change event after a recipe load sets the method, so without the
+    recipe at hand this reset would overwrite the values the load had just put in.
+    """
     method = get_method(label)
+    recipe = loading if loading and loading.get("interp_method") == label else {}
     per_block = [p.name for p in method.params.values() if p.per_block]
     updates = [
         gr.update(visible=bool(method.variadic)),  # more models
-        gr.update(visible="alpha" in method.params),  # multiplier
+        gr.update(visible="alpha" in method.params, **_recipe_value(recipe, "multiplier")),
     ]
-    updates += [
-        gr.update(visible=name in method.params, value=method.params[name].default if name in method.params else None)
-        if PARAMS[name].kind != FLOATS
-        else gr.update(visible=name in method.params)
-        for name in PARAM_NAMES
-    ]
-    updates.append(gr.update(choices=per_block or ["alpha"], value=per_block[0] if per_block else "alpha"))
-    return updates
+    for name in PARAM_NAMES:
+        if name not in method.params:
+            updates.append(gr.update(visible=False))
+        elif PARAMS[name].kind == FLOATS:
+            updates.append(gr.update(visible=True, **_recipe_value(recipe, f"param_{name}")))
+        else:
+            updates.append(gr.update(visible=True, value=recipe.get(f"param_{name}", method.params[name].default)))
+    block_param = recipe.get("block_param") or (per_block[0] if per_block else "alpha")
+    updates.append(gr.update(choices=per_block or ["alpha"], value=block_param))
+    return [*updates, None]
+
+
+def _recipe_value(recipe: dict, field: str) -> dict:
+    return {"value": recipe[field]} if field in recipe else {}
 
 
 def save_recipe(recipe: dict | None) -> tuple:
@@ -99,17 +114,19 @@ def save_recipe(recipe: dict | None) -> tuple:
     return gr.update(value=str(path)), f"Saved: `{path.name}` (replay: `python -m lib_merge run {path.name}`)"
 
 
-def load_recipe(upload, fields: tuple[str, ...]) -> list:
-    """Control values from an uploaded recipe, in ``fields`` order, plus a note (last)."""
+def load_recipe(upload, fields: tuple[str, ...], method_now: str) -> list:
+    """Control values from an uploaded recipe, in ``fields`` order, a note, and the values for
+    ``method_updates`` to apply again when the recipe changes the method (else None)."""
     try:
         text = Path(getattr(upload, "name", upload)).read_text(encoding="utf-8")
         values = controls_from_recipe(parse_recipe(text, "recipe"))
     except (OSError, MergeError, KeyError, TypeError) as err:
-        return [gr.update() for _ in fields] + [f"Could not load the recipe: {err}"]
+        return [gr.update() for _ in fields] + [f"Could not load the recipe: {err}", None]
     if values is None:
         note = "This recipe nests methods; merge it with `python -m lib_merge run` or the API."
-        return [gr.update() for _ in fields] + [note]
-    return [gr.update(value=values[name]) if name in values else gr.update() for name in fields] + ["Recipe loaded."]
+        return [gr.update() for _ in fields] + [note, None]
+    updates = [gr.update(value=values[name]) if name in values else gr.update() for name in fields]
+    return [*updates, "Recipe loaded.", values if values["interp_method"] != method_now else None]
 
 
 __all__ = ["TAB_FIELDS", "build_blocks", "build_params", "build_recipe", "load_recipe", "method_updates", "save_recipe"]

@@ -8,7 +8,6 @@ gradio has, and only inside the webui, where ``javascript/merge_lab.js`` defines
 
 from __future__ import annotations
 
-import html
 import inspect
 import logging
 
@@ -21,7 +20,8 @@ from ..io.readers import open_checkpoint
 from ..methods import METHODS, get_method
 from ..request import CONFIG_SOURCES, FORMATS
 from ..tab_recipe import PARAM_NAMES, TAB_FIELDS, block_chart, recipe_from_controls
-from . import method_controls
+from . import experiments, method_controls
+from .messages import done_html, error_html
 
 log = logging.getLogger("merge_lab")
 NO_VAE = "None"
@@ -50,7 +50,10 @@ def build_tab(host: AppHost, *, in_webui: bool = False) -> gr.Blocks:
                 ui.update(method_controls.build_recipe())
             with gr.Column(variant="compact"):
                 ui.update(build_actions(host, in_webui))
+                ui.update(experiments.build_try(host))
+                ui.update(experiments.build_sweep(host))
         wire_events(host, ui, in_webui)
+        wire_experiments(host, ui, in_webui)
     return tab
 
 
@@ -184,8 +187,9 @@ def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
     method_outputs = [ui["more_models"], ui["multiplier"]]
     method_outputs += [ui[f"param_{name}"] for name in PARAM_NAMES] + [ui["block_param"]]
     ui["interp_method"].change(
-        method_controls.method_updates, inputs=[ui["interp_method"]], outputs=method_outputs, queue=False
-    )
+        method_controls.method_updates, inputs=[ui["interp_method"], ui["loading_recipe"]],
+        outputs=[*method_outputs, ui["loading_recipe"]], queue=False,
+    )  # fmt: skip
     ui["checkpoint_format"].change(
         lambda fmt: gr.update(visible=fmt == "safetensors"), inputs=[ui["checkpoint_format"]],
         outputs=[ui["metadata"]], queue=False,
@@ -219,6 +223,51 @@ def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
         )
 
 
+def wire_experiments(host: AppHost, ui: dict, in_webui: bool) -> None:
+    """Try, Save tried, Restore, the sweep's axes and run, Save this one."""
+    fields = [ui[name] for name in ALL_FIELDS]
+    result, tried = ui["result"], ui["tried_recipe"]
+
+    def on_try(task_id="", *values):
+        message, recipe = experiments.try_merge(
+            host, _request_fields(dict(zip(ALL_FIELDS, values, strict=True))), task_id
+        )
+        return message, recipe, gr.update(interactive=recipe is not None)
+
+    ui["try"].click(
+        on_try, inputs=[ui["task_id"], *fields], outputs=[result, tried, ui["save_tried"]],
+        **_page_hook(ui["try"], "mergeLabTask", in_webui),
+    )  # fmt: skip
+    ui["save_tried"].click(lambda recipe: experiments.save_recipe_file(host, recipe, "try a merge"), inputs=[tried],
+                           outputs=[result])  # fmt: skip
+    ui["restore"].click(lambda: experiments.restore(host), outputs=[result])
+    ui["interp_method"].change(
+        experiments.axis_updates, inputs=[ui["interp_method"]], outputs=[ui["x_param"], ui["y_param"]], queue=False
+    )
+    sweep_inputs = [ui[name] for name in (*experiments.AXIS_FIELDS, *experiments.IMAGE_FIELDS)]
+    count = len(sweep_inputs)
+
+    def on_sweep(progress=gr.Progress(), task_id="", *values):  # noqa: B008 (gradio's idiom)
+        named = dict(zip((*experiments.AXIS_FIELDS, *experiments.IMAGE_FIELDS), values[:count], strict=True))
+        merge_fields = _request_fields(dict(zip(ALL_FIELDS, values[count:], strict=True)))
+        return experiments.run_sweep(host, merge_fields, named, named, task_id, progress)
+
+    ui["sweep"].click(
+        on_sweep, inputs=[ui["task_id"], *sweep_inputs, *fields],
+        outputs=[ui["gallery"], result, ui["cell"], ui["cell_recipes"]],
+        **_page_hook(ui["sweep"], "mergeLabSweep", in_webui),
+    )  # fmt: skip
+    ui["save_cell"].click(
+        lambda label, recipes: experiments.save_recipe_file(host, (recipes or {}).get(label), "run a sweep and pick a cell"),
+        inputs=[ui["cell"], ui["cell_recipes"]], outputs=[result],
+    )  # fmt: skip
+    if in_webui:
+        txt2img = [ui[name] for name in experiments.IMAGE_FIELDS]
+        ui["from_txt2img"].click(
+            None, inputs=txt2img, outputs=txt2img, **_page_hook(ui["from_txt2img"], "mergeLabFromTxt2img", True)
+        )
+
+
 def wire_recipe_events(host: AppHost, ui: dict, fields: list) -> None:
     """Block chart, presets, Save recipe and Load recipe."""
 
@@ -240,8 +289,8 @@ def wire_recipe_events(host: AppHost, ui: dict, fields: list) -> None:
 
     ui["save_recipe"].click(save, inputs=fields, outputs=[ui["recipe_file"], ui["recipe_note"]], queue=False)
     ui["load_recipe"].upload(
-        lambda upload: method_controls.load_recipe(upload, ALL_FIELDS),
-        inputs=[ui["load_recipe"]], outputs=[*fields, ui["recipe_note"]],
+        lambda upload, method: method_controls.load_recipe(upload, ALL_FIELDS, method),
+        inputs=[ui["load_recipe"], ui["interp_method"]], outputs=[*fields, ui["recipe_note"], ui["loading_recipe"]],
     )  # fmt: skip
 
 
@@ -273,15 +322,11 @@ def _merge(host: AppHost, fields: dict, task_id: str, open_txt2img: bool, progre
         request, load = actions.request_from_fields(fields)
         outcome = actions.run_merge(host, request, load=load, task_id=task_id or "", on_progress=show)
     except MergeError as err:
-        return _error_html(str(err))
+        return error_html(str(err))
     except Exception as err:  # the tab shows a message, never a traceback; the log keeps it
         log.exception("Merge Lab: merge failed")
-        return _error_html(f"internal error: {type(err).__name__}: {err}")
-    return (
-        f'<div class="merge-lab-done" data-title="{html.escape(outcome.title)}" '
-        f'data-loaded="{int(outcome.loaded)}" data-open="{int(bool(open_txt2img))}">'
-        f"{_pre(outcome.message())}</div>"
-    )
+        return error_html(f"internal error: {type(err).__name__}: {err}")
+    return done_html(outcome.message(), title=outcome.title, loaded=outcome.loaded, open_txt2img=bool(open_txt2img))
 
 
 def _preflight_text(host: AppHost, fields: dict) -> str:
@@ -306,15 +351,6 @@ def _guarded(compute):
         return compute()
     except MergeError as err:
         return f"{{}}  // {err}"
-
-
-def _error_html(message: str) -> str:
-    return f'<div class="merge-lab-error" style="color: var(--error-text-color, #c00)">{_pre(message)}</div>'
-
-
-def _pre(text: str) -> str:
-    """Preformatted, but long paths wrap instead of widening the panel."""
-    return f'<pre style="white-space: pre-wrap; overflow-wrap: anywhere">{html.escape(text)}</pre>'
 
 
 def _describe(label: str) -> str:

@@ -22,7 +22,10 @@ class OptionInfo:
 
 class Options:
     def __init__(self):
-        object.__setattr__(self, "data", {"sd_model_checkpoint": None})
+        grids = {"grid_save": True, "grid_format": "png", "grid_background_color": "#ffffff"}
+        folders = {"outdir_samples": "", "outdir_txt2img_samples": "outputs/txt2img-images", "outdir_grids": ""}
+        folders["outdir_txt2img_grids"] = "outputs/txt2img-grids"
+        object.__setattr__(self, "data", {"sd_model_checkpoint": None, **grids, **folders})
         object.__setattr__(self, "data_labels", {})
         object.__setattr__(self, "saved", [])
 

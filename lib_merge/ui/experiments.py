@@ -1,0 +1,163 @@
+"""The tab's experiment loop: Try (merge into the loaded model, no file), Save what was tried,
+Restore the model, and sweeps (an X/Y grid of images, one merge per cell).
+
+Shown only where the host has a loaded model to merge into (the webui). The merge fields come
+from the tab's controls, so a sweep varies exactly the merge the Merge button would write.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+from .. import actions, loop
+from ..errors import MergeError
+from ..methods import BOOL, FLOAT, INT, get_method
+from ..recipe import request_from_recipe
+from ..sweep import BLOCKS
+from .messages import done_html, error_html
+
+log = logging.getLogger("merge_lab")
+IMAGE_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "width", "height", "sampler", "cfg_scale")
+AXIS_FIELDS = ("x_param", "x_values", "y_param", "y_values")
+NO_AXIS = ""
+
+
+def can_try(host) -> bool:
+    return hasattr(host, "try_merge")
+
+
+def build_try(host) -> dict:
+    """Try / Save tried / Restore: the tried recipe is kept in the page's state for Save."""
+    visible = can_try(host)
+    with gr.Row(visible=visible):
+        try_button = gr.Button("Try (no file)", elem_id="merge_lab_try")
+        save_tried = gr.Button("Save tried", interactive=False, elem_id="merge_lab_save_tried")
+        restore = gr.Button("Restore model", elem_id="merge_lab_restore")
+    return {"try": try_button, "save_tried": save_tried, "restore": restore, "tried_recipe": gr.State(None)}
+
+
+def build_sweep(host) -> dict:
+    """Axes, image settings, the Sweep button, and the grid with each cell's recipe at hand."""
+    samplers = host.samplers() if hasattr(host, "samplers") else []
+    defaults = loop.ImageSettings()
+    with gr.Accordion("Sweep: an X/Y grid of images", open=False, visible=can_try(host), elem_id="merge_lab_sweep"):
+        with gr.Row():
+            x_param = gr.Dropdown(sweep_params("Weighted sum"), value="alpha", label="X: parameter",
+                                  elem_id="merge_lab_x_param")  # fmt: skip
+            x_values = gr.Textbox("0.2:0.6:0.1", label="X: values (0.2, 0.5 or 0.2:0.6:0.1; presets: a;b)",
+                                  elem_id="merge_lab_x_values")  # fmt: skip
+        with gr.Row():
+            y_param = gr.Dropdown([NO_AXIS, *sweep_params("Weighted sum")], value=NO_AXIS, label="Y: parameter",
+                                  elem_id="merge_lab_y_param")  # fmt: skip
+            y_values = gr.Textbox("", label="Y: values", elem_id="merge_lab_y_values")
+        prompt = gr.Textbox(label="Prompt (empty: txt2img's)", lines=2, elem_id="merge_lab_prompt")
+        negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="merge_lab_negative_prompt")
+        with gr.Row():
+            seed = gr.Number(defaults.seed, precision=0, label="Seed (-1: one for the sweep)", elem_id="merge_lab_seed")
+            steps = gr.Number(defaults.steps, precision=0, label="Steps", elem_id="merge_lab_steps")
+            width = gr.Number(defaults.width, precision=0, label="Width", elem_id="merge_lab_width")
+            height = gr.Number(defaults.height, precision=0, label="Height", elem_id="merge_lab_height")
+            cfg = gr.Number(defaults.cfg_scale, label="CFG scale", elem_id="merge_lab_cfg_scale")
+            sampler = gr.Dropdown(samplers, value=samplers[0] if samplers else None, label="Sampler",
+                                  elem_id="merge_lab_sampler")  # fmt: skip
+        with gr.Row():
+            from_txt2img = gr.Button("Use txt2img's settings", elem_id="merge_lab_from_txt2img")
+            sweep = gr.Button("Sweep", variant="primary", elem_id="merge_lab_sweep_run")
+        gallery = gr.Gallery(label="Grid, then each cell", columns=4, elem_id="merge_lab_gallery")
+        with gr.Row():
+            cell = gr.Dropdown([], label="Cell", elem_id="merge_lab_cell")
+            save_cell = gr.Button("Save this one", elem_id="merge_lab_save_cell")
+    fields = dict(zip(AXIS_FIELDS, (x_param, x_values, y_param, y_values), strict=True))
+    fields.update(zip(IMAGE_FIELDS, (prompt, negative, seed, steps, width, height, sampler, cfg), strict=True))
+    return {**fields, "from_txt2img": from_txt2img, "sweep": sweep, "gallery": gallery, "cell": cell,
+            "save_cell": save_cell, "cell_recipes": gr.State({})}  # fmt: skip
+
+
+def sweep_params(label: str) -> list[str]:
+    """What a sweep can vary for a method: its numbers, then ``blocks:<p>`` for per-block ones."""
+    method = get_method(label)
+    scalars = [name for name, param in method.params.items() if param.kind in (FLOAT, INT, BOOL)]
+    return scalars + [BLOCKS + name for name, param in method.params.items() if param.per_block]
+
+
+def axis_updates(label: str) -> list:
+    """The axis choices for the picked method (X keeps its first parameter picked, Y none)."""
+    choices = sweep_params(label)
+    return [gr.update(choices=choices, value=choices[0] if choices else None), gr.update(choices=[NO_AXIS, *choices])]
+
+
+def try_merge(host, fields: dict, task_id: str) -> tuple[str, dict | None]:
+    """The result panel's HTML and the tried recipe (None when nothing was tried)."""
+    try:
+        request, _ = actions.request_from_fields(fields)
+        outcome = actions.run_try(host, request, task_id=task_id)
+    except MergeError as err:
+        return error_html(str(err)), None
+    except Exception as err:  # the tab shows a message, never a traceback; the log keeps it
+        log.exception("Merge Lab: try failed")
+        return error_html(f"internal error: {type(err).__name__}: {err}"), None
+    return done_html("\n".join([outcome.message(), *outcome.notes])), outcome.recipe
+
+
+def save_recipe_file(host, recipe: dict | None, what: str) -> str:
+    """Merge ``recipe`` to its file (the same tensors as were tried) and register it."""
+    if not recipe:
+        return error_html(f"Nothing to save: {what} first.")
+    try:
+        outcome = actions.run_merge(host, request_from_recipe(recipe), load=False)
+    except MergeError as err:
+        return error_html(str(err))
+    return done_html(outcome.message(), title=outcome.title)
+
+
+def restore(host) -> str:
+    try:
+        with host.job():
+            title = host.restore()
+    except Exception as err:  # the webui's loader failed: show why, the log keeps the traceback
+        log.exception("Merge Lab: restoring the model failed")
+        return error_html(f"Could not reload the model: {type(err).__name__}: {err}")
+    return done_html(f"Reloaded {title} from its file.")
+
+
+def run_sweep(host, fields: dict, axes: dict, image: dict, task_id: str, progress) -> tuple:
+    """(gallery images, result HTML, cell dropdown update, {cell label: recipe})."""
+
+    def show(cell: loop.Cell) -> None:
+        progress((len(shown) + 1, total), desc=f"generated {cell.label}")
+        shown.append(cell)
+
+    shown: list = []
+    try:
+        request, _ = actions.request_from_fields(fields)
+        x, y = actions.sweep_axes(
+            host, request, (axes["x_param"], axes["x_values"]), (axes["y_param"], axes["y_values"])
+        )
+        total = len(x.values) * (len(y.values) if y else 1)
+        settings = loop.ImageSettings(**{name: image[name] for name in IMAGE_FIELDS})
+        settings = _whole_numbers(settings)
+        outcome = actions.run_sweep(host, request, x, y, settings, task_id=task_id, on_cell=show)
+    except MergeError as err:
+        return [], error_html(str(err)), gr.update(), {}
+    except Exception as err:
+        log.exception("Merge Lab: sweep failed")
+        return [], error_html(f"internal error: {type(err).__name__}: {err}"), gr.update(), {}
+    pictures = ([(outcome.grid, "grid")] if outcome.grid is not None else []) + [
+        (cell.image, f"{cell.label}: {cell.name} [{cell.recipe_hash}]") for cell in outcome.cells
+    ]
+    recipes = {cell.label: cell.recipe for cell in outcome.cells}
+    labels = list(recipes)
+    return (
+        pictures,
+        done_html(outcome.message()),
+        gr.update(choices=labels, value=labels[0] if labels else None),
+        recipes,
+    )
+
+
+def _whole_numbers(settings: loop.ImageSettings) -> loop.ImageSettings:
+    """gr.Number gives floats; the image fields but CFG are whole numbers."""
+    whole = {name: int(getattr(settings, name)) for name in ("seed", "steps", "width", "height")}
+    return loop.ImageSettings(**{**settings.__dict__, **whole, "cfg_scale": float(settings.cfg_scale)})
