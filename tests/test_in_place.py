@@ -9,29 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import SD15, load, make
+from image_host import sd15_module
 
 from lib_merge import CancelledError, IncompatibleModelsError, InputCache, MergeRequest, merge, merge_into
 from lib_merge.recipe import recipe_dict, recipe_hash, request_from_recipe
 from lib_merge.steps import SKIP_ON_MERGE
 
 DROPPED = "model.diffusion_model.out.2.bias"  # a key the loaded model lacks, reported as missing
-
-
-def sd15_module(dtype=torch.float16, without=()) -> torch.nn.Module:
-    """A module tree with a parameter at every SD1.5 key (VAE in float32, as the webui keeps it)."""
-    root = torch.nn.Module()
-    for key, spec in SD15.items():
-        if key in without:
-            continue
-        *path, leaf = key.split(".")
-        module = root
-        for part in path:
-            if not hasattr(module, part):
-                module.add_module(part, torch.nn.Module())
-            module = getattr(module, part)
-        kind = torch.float32 if key.startswith("first_stage_model.") else dtype
-        module.register_parameter(leaf, torch.nn.Parameter(torch.zeros(spec.shape, dtype=kind), requires_grad=False))
-    return root
 
 
 def weighted(name="try", multiplier=0.35, **options):
