@@ -3,6 +3,11 @@ real checkpoints on disk merged into a real torch module; images stand in for th
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from image_host import ImageHost, sd15_module
@@ -84,3 +89,11 @@ def test_a_given_seed_is_used_for_every_image(image_host):
     x = parse_axis("alpha", "0.3, 0.7", "weighted_sum")
     outcome = run_sweep(image_host, weighted(), x, None, ImageSettings(prompt="p", seed=1234, width=4, height=4))
     assert outcome.seed == 1234 and all("Seed: 1234," in cell.infotext for cell in outcome.cells)
+
+
+def test_the_webui_timing_script_skips_without_a_webui(tmp_path):
+    """tests/measure_experiment_loop.py measures Try and sweeps in a real webui; CI has none."""
+    script = Path(__file__).parent / "measure_experiment_loop.py"
+    env = {k: v for k, v in os.environ.items() if k != "MERGE_LAB_WEBUI"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("skipped:"), done.stderr

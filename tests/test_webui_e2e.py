@@ -300,3 +300,90 @@ def test_try_merges_into_the_loaded_model_and_its_images_match_the_saved_file(we
 
     call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
     assert pixels_and_model(image) == primary  # loading another checkpoint restores the webui's state
+
+
+def recipe_of(path: Path) -> dict:
+    """The Merge Lab recipe in a safetensors file's metadata."""
+    with path.open("rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        metadata = json.loads(file.read(size))["__metadata__"]
+    return json.loads(metadata["sd_merge_recipe"])["merge_lab_recipe"]
+
+
+def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, webui):
+    page.locator("#txt2img_prompt textarea").fill("a red fox")
+    for elem_id, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_steps", 2)):
+        set_number(page, elem_id, value)
+    open_merge_lab(page)
+    pick(page, "merge_lab_primary", "rand_a")
+    pick(page, "merge_lab_secondary", "rand_b")
+    page.locator("#merge_lab_custom_name textarea").fill(f"{MERGED}_tried")
+    before = sorted(p.name for p in webui.iterdir())
+    page.locator("#merge_lab_try").click()
+    page.wait_for_function("() => document.querySelector('#merge_lab_result')?.innerText.includes('Trying:')")
+    assert f"Trying: {MERGED}_tried [" in page.locator("#merge_lab_result").last.inner_text()
+    assert sorted(p.name for p in webui.iterdir()) == before  # a try writes no file
+    page.locator("#merge_lab_save_tried").click()
+    page.wait_for_function("n => document.querySelector('#merge_lab_result')?.innerText.includes('Saved: ' + n)",
+                           arg=f"{MERGED}_tried")  # fmt: skip
+    assert recipe_of(webui / f"{MERGED}_tried.safetensors")["merge"]["params"]["alpha"] == 0.3
+
+    page.locator("#merge_lab_sweep").get_by_text("Sweep: an X/Y grid of images").click()
+    page.locator("#merge_lab_custom_name textarea").fill("")
+    page.locator("#merge_lab_x_values textarea").fill("0.1, 0.9")
+    page.locator("#merge_lab_from_txt2img").click()
+    page.wait_for_function("() => document.querySelector('#merge_lab_prompt textarea').value === 'a red fox'")
+    assert page.locator("#merge_lab_width input[type=number]").input_value() == "64"
+    page.locator("#merge_lab_sweep_run").click()
+    page.wait_for_function("() => document.querySelector('#merge_lab_result')?.innerText.includes('Sweep: 2 points')",
+                           timeout=900_000)  # fmt: skip
+    result = page.locator("#merge_lab_result").last.inner_text()
+    grid = Path(result.split("Grid: ")[1].split("\n")[0])
+    assert grid.is_file() and grid.is_relative_to(WEBUI / "outputs")  # where the webui saves grids
+    assert "alpha 0.1: 0.9(rand_a) + 0.1(rand_b) [" in result and "alpha 0.9: 0.1(rand_a) + 0.9(rand_b) [" in result
+    assert page.locator("#merge_lab_gallery img").count() == 3  # the grid, then each cell
+    shot(page, "webui-merge-lab-sweep.png")
+
+    pick(page, "merge_lab_cell", "alpha 0.9")
+    page.locator("#merge_lab_save_cell").click()
+    saved = "0.1(rand_a) + 0.9(rand_b)"
+    page.wait_for_function("n => document.querySelector('#merge_lab_result')?.innerText.includes('Saved: ' + n)",
+                           arg=saved)  # fmt: skip
+    assert recipe_of(webui / f"{saved}.safetensors")["merge"]["params"]["alpha"] == 0.9
+
+
+def xyz_index(label: str) -> int:
+    """The index of an axis in txt2img's X/Y/Z plot, as its x_type dropdown (type=index) lists them."""
+    status, scripts = call("/sdapi/v1/script-info")
+    assert status == 200
+    plot = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+    x_type = next(arg for arg in plot["args"] if arg["label"] == "X type")
+    return x_type["choices"].index(label)
+
+
+def test_the_xyz_plot_has_merge_lab_axes_that_vary_the_tried_merge(webui):
+    models = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
+    for name in ("rand_b.safetensors", "rand_a.safetensors"):  # rand_a as loaded from its file
+        call("/sdapi/v1/options", {"sd_model_checkpoint": name})
+    image = {"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 7, "script_name": "x/y/z plot"}
+    rest = [True, True, False, False, False, False, False, 0, False]  # legend, lone images, ... margin, csv
+    alpha = [xyz_index("Merge Lab: alpha"), "0.2, 0.6", []]
+    status, answer = call("/sdapi/v1/txt2img", {**image, "script_args": [*alpha, 0, "", [], 0, "", [], *rest]})
+    assert status == 500 and "Try a merge in the Merge Lab tab first" in answer["errors"]  # refused, saying why
+
+    assert call("/merge-lab/v1/try", {**models, "multiplier": 0.5})[0] == 200
+    cfg = [xyz_index("CFG Scale"), "3, 7", []]
+    status, answer = call("/sdapi/v1/txt2img", {**image, "script_args": [*alpha, *cfg, 0, "", [], *rest]})
+    assert status == 200, answer
+    cells = [text for text in json.loads(answer["info"])["infotexts"] if "X Type" not in text]
+    seen = sorted((part(text, "Model: "), part(text, "CFG scale: ")) for text in cells)
+    # every cell made with its own merge and CFG
+    assert seen == [
+        ("0.4(rand_a) + 0.6(rand_b)", "3.0"), ("0.4(rand_a) + 0.6(rand_b)", "7.0"),
+        ("0.8(rand_a) + 0.2(rand_b)", "3.0"), ("0.8(rand_a) + 0.2(rand_b)", "7.0"),
+    ]  # fmt: skip
+
+
+def part(infotext: str, name: str) -> str:
+    """One field of an infotext's parameter line (``Model: x`` -> ``x``)."""
+    return infotext.split(name, 1)[1].split(", ")[0]

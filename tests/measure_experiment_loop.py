@@ -1,0 +1,111 @@
+"""Measures the experiment loop in a real webui v1.10.1 against what it replaces (issue: the loop).
+
+    .venv/bin/python tests/measure_experiment_loop.py --webui /path/to/webui      # starts and stops it
+    .venv/bin/python tests/measure_experiment_loop.py --url http://127.0.0.1:7861  # one already running
+
+Without either (or MERGE_LAB_WEBUI) it says it is skipped and exits 0, so CI, which has no webui,
+runs it as a no-op. With --webui it clones this repository's HEAD into the webui's extensions (as
+"Install from URL" does) and starts it with ../shared/webui-offline/start.sh. The webui needs
+rand_a and rand_b checkpoints (the kit's), and is left on rand_a.
+
+Same image settings everywhere (txt2img, 64x64, 2 steps, fixed seed). Medians of --repeats runs:
+  try    = POST /merge-lab/v1/try (rand_a loaded, a new alpha each time) + txt2img, over
+  switch = switching the loaded model rand_a -> rand_b (options) + txt2img;      target <= 1.5x
+  sweep5 = POST /merge-lab/v1/sweep over 5 alphas, over sweep1 = the same sweep over 1 alpha;
+                                                                                    target <= 5x + 10%
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KIT = ROOT.parent / "shared" / "webui-offline"
+IMAGE = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
+MODELS = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--webui", default=os.environ.get("MERGE_LAB_WEBUI"), help="a webui folder to start")
+    parser.add_argument("--url", help="a webui already running, with Merge Lab installed")
+    parser.add_argument("--port", type=int, default=7861)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    if not args.url and not args.webui:
+        print("skipped: give --webui PATH (or MERGE_LAB_WEBUI) or --url of a running webui")
+        return 0
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    started = None if args.url else start(Path(args.webui), args.port)
+    try:
+        figures = measure(url, args.repeats)
+    finally:
+        if started is not None:
+            subprocess.run(["bash", str(KIT / "stop.sh"), str(started)], check=False)
+    report(figures)
+    return 0
+
+
+def start(webui: Path, port: int) -> Path:
+    extension = webui / "extensions" / "merge-lab"
+    shutil.rmtree(extension, ignore_errors=True)
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(extension)], check=True)
+    subprocess.run(["bash", str(KIT / "start.sh"), str(webui), str(port)], check=True)
+    return webui
+
+
+def measure(url: str, repeats: int) -> dict[str, list[float]]:
+    def timed(path: str, body: dict) -> float:
+        began = time.perf_counter()
+        call(url, path, body)
+        return time.perf_counter() - began
+
+    def load(name: str) -> float:
+        return timed("/sdapi/v1/options", {"sd_model_checkpoint": name})
+
+    figures: dict[str, list[float]] = {"switch": [], "try": [], "sweep1": [], "sweep5": []}
+    load("rand_a.safetensors")
+    timed("/sdapi/v1/txt2img", IMAGE)  # warm-up: first-image costs are not the loop's
+    for repeat in range(repeats):
+        load("rand_a.safetensors")
+        figures["switch"].append(load("rand_b.safetensors") + timed("/sdapi/v1/txt2img", IMAGE))
+        load("rand_a.safetensors")
+        alpha = 0.31 + repeat / 100  # a new recipe each time: a repeated one costs nothing
+        figures["try"].append(
+            timed("/merge-lab/v1/try", {**MODELS, "multiplier": alpha}) + timed("/sdapi/v1/txt2img", IMAGE)
+        )
+        sweep = {**MODELS, **IMAGE, "x_param": "alpha"}
+        figures["sweep1"].append(timed("/merge-lab/v1/sweep", {**sweep, "x_values": f"{alpha + 0.2:.2f}"}))
+        figures["sweep5"].append(timed("/merge-lab/v1/sweep", {**sweep, "x_values": "0.1, 0.3, 0.5, 0.7, 0.9"}))
+    load("rand_a.safetensors")
+    return figures
+
+
+def call(url: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=1800) as response:
+        return json.load(response)
+
+
+def report(figures: dict[str, list[float]]) -> None:
+    median = {name: statistics.median(values) for name, values in figures.items()}
+    for name, values in figures.items():
+        print(f"{name:7s} median {median[name]:6.2f} s   runs: {', '.join(f'{v:.2f}' for v in values)}")
+    try_ratio = median["try"] / median["switch"]
+    sweep_ratio = median["sweep5"] / median["sweep1"]
+    print(f"Try -> first image / switch + generate: {try_ratio:.2f}x (target <= 1.5x)")
+    print(f"5-point sweep / 1-point sweep: {sweep_ratio:.2f}x (target <= 5.5x: 5x + 10%)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
