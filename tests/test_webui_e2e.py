@@ -312,7 +312,7 @@ def recipe_of(path: Path) -> dict:
 
 def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, webui):
     page.locator("#txt2img_prompt textarea").fill("a red fox")
-    for elem_id, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_steps", 2)):
+    for elem_id, value in (("txt2img_width", 128), ("txt2img_height", 128), ("txt2img_steps", 2)):
         set_number(page, elem_id, value)
     open_merge_lab(page)
     pick(page, "merge_lab_primary", "rand_a")
@@ -330,19 +330,22 @@ def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, web
 
     page.locator("#merge_lab_sweep").get_by_text("Sweep: an X/Y grid of images").click()
     page.locator("#merge_lab_custom_name textarea").fill("")
-    page.locator("#merge_lab_x_values textarea").fill("0.1, 0.9")
+    page.locator("#merge_lab_x_values textarea").fill("0.1:0.9:0.4")
     page.locator("#merge_lab_from_txt2img").click()
     page.wait_for_function("() => document.querySelector('#merge_lab_prompt textarea').value === 'a red fox'")
-    assert page.locator("#merge_lab_width input[type=number]").input_value() == "64"
+    assert page.locator("#merge_lab_width input[type=number]").input_value() == "128"
     page.locator("#merge_lab_sweep_run").click()
-    page.wait_for_function("() => document.querySelector('#merge_lab_result')?.innerText.includes('Sweep: 2 points')",
+    page.wait_for_function("() => document.querySelector('#merge_lab_result')?.innerText.includes('Sweep: 3 points')",
                            timeout=900_000)  # fmt: skip
     result = page.locator("#merge_lab_result").last.inner_text()
     grid = Path(result.split("Grid: ")[1].split("\n")[0])
     assert grid.is_file() and grid.is_relative_to(WEBUI / "outputs")  # where the webui saves grids
     assert "alpha 0.1: 0.9(rand_a) + 0.1(rand_b) [" in result and "alpha 0.9: 0.1(rand_a) + 0.9(rand_b) [" in result
-    assert page.locator("#merge_lab_gallery img").count() == 3  # the grid, then each cell
+    assert "alpha 0.5: 0.5(rand_a) + 0.5(rand_b) [" in result
+    assert page.locator("#merge_lab_gallery img").count() == 4  # the grid, then each cell
     shot(page, "webui-merge-lab-sweep.png")
+    if SHOTS:
+        shutil.copy(grid, Path(SHOTS) / "merge-lab-sweep-grid.png")  # the README's picture
 
     pick(page, "merge_lab_cell", "alpha 0.9")
     page.locator("#merge_lab_save_cell").click()
