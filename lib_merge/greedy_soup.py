@@ -6,7 +6,8 @@ it and judging images) is the caller's business: ``score_of`` maps a tuple of mo
 number, and is called once per distinct tuple.
 
 A scorer loaded with ``load_scorer`` has the signature ``score(images: list, prompts: list[str]) -> float``
-(higher is better); the caller generates the images of each soup and calls it.
+(higher is better); the caller generates the images of each soup and calls it. Where the user is
+the scorer, ``GreedyWalk`` takes the same path one decision (one click) at a time.
 """
 
 from __future__ import annotations
@@ -20,15 +21,17 @@ from .errors import CancelledError, RequestError
 from .recipe import MergeNode, ModelRef
 
 ALGORITHM = "greedy_soup"
+USER = "user"  # the scorer's name in a record when the user picked at each step
 
 
 @dataclass(frozen=True)
 class GreedyStep:
-    """One decision: ``candidate`` joined the soup (``kept``) iff ``score_with`` >= ``score_before``."""
+    """One decision: ``candidate`` joined the soup (``kept``) iff ``score_with`` >= ``score_before``;
+    both None where the user decided (GreedyWalk): a pick between two image sets is no number."""
 
     candidate: str
-    score_with: float
-    score_before: float
+    score_with: float | None
+    score_before: float | None
     kept: bool
 
 
@@ -42,20 +45,22 @@ class GreedySoupResult:
 
     ingredients: tuple[str, ...]
     steps: tuple[GreedyStep, ...]
-    ranking: tuple[tuple[str, float], ...]
-    best_score: float
+    ranking: tuple[tuple[str, float | None], ...]
+    best_score: float | None
 
     def node(self) -> MergeNode | None:
         """The soup as a recipe node (method ``soup``, uniform weights); None for one ingredient.
 
         A single model is no soup: the caller then uses ``ingredients[0]`` as it is.
         """
-        if len(self.ingredients) < 2:
-            return None
-        return MergeNode("soup", tuple(ModelRef(name) for name in self.ingredients))
+        return soup_node(self.ingredients) if len(self.ingredients) > 1 else None
 
     def record(self) -> dict:
-        """The path taken, JSON-serialisable, for a recipe's ``greedy_soup`` entry."""
+        """The path taken, JSON-serialisable, for a recipe's ``greedy_soup`` entry.
+
+        Every score is null where the user was the scorer (GreedyWalk.record, ``"scorer": "user"``):
+        the ranking is the order they listed, and each step's ``kept`` is their pick.
+        """
         return {
             "algorithm": ALGORITHM,
             "ranking": [{"model": name, "score": score} for name, score in self.ranking],
@@ -71,6 +76,11 @@ class GreedySoupResult:
             "ingredients": list(self.ingredients),
             "best_score": self.best_score,
         }
+
+
+def soup_node(names: Sequence[str]) -> MergeNode:
+    """The uniform soup of ``names`` (the plain mean; the first is the primary model)."""
+    return MergeNode("soup", tuple(ModelRef(name) for name in names))
 
 
 def greedy_soup(
@@ -106,6 +116,65 @@ def greedy_soup(
         if kept:
             soup, best = (*soup, candidate), with_it
     return GreedySoupResult(soup, tuple(steps), ranking, best)
+
+
+@dataclass(frozen=True)
+class GreedyWalk:
+    """Greedy soup with the user as the scorer, one decision at a time (a click each).
+
+    The user lists the candidates best first: that order is the ranking (it replaces scoring each
+    model alone). Each step puts the soup so far beside the soup with the next candidate, and the
+    user's pick decides whether it joins. Immutable tuples of names and picks: a UI keeps
+    ``state()`` between clicks and rebuilds the walk with ``GreedyWalk(**state)``.
+    """
+
+    candidates: tuple[str, ...]
+    decisions: tuple[bool, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "candidates", _candidates(self.candidates))
+        decisions = tuple(self.decisions)
+        if len(decisions) >= len(self.candidates) or not all(isinstance(d, bool) for d in decisions):
+            raise RequestError(
+                f"greedy_soup.decisions: expected up to {len(self.candidates) - 1} true/false picks, got {decisions!r}"
+            )
+        object.__setattr__(self, "decisions", decisions)
+
+    @property
+    def done(self) -> bool:
+        return len(self.decisions) == len(self.candidates) - 1
+
+    def soup(self) -> tuple[str, ...]:
+        """The soup so far: the first candidate, then each one the user added."""
+        added = (name for name, add in zip(self.candidates[1:], self.decisions, strict=False) if add)
+        return (self.candidates[0], *added)
+
+    def pending(self) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        """(soup, soup + next candidate) for the user to compare; None once every candidate is decided."""
+        if self.done:
+            return None
+        soup = self.soup()
+        return soup, (*soup, self.candidates[len(self.decisions) + 1])
+
+    def decide(self, add: bool) -> GreedyWalk:
+        """The walk after the user's pick: ``add`` the pending candidate to the soup, or keep the soup."""
+        if self.done:
+            raise RequestError("greedy_soup.decide: nothing is pending, every candidate is decided")
+        return GreedyWalk(self.candidates, (*self.decisions, bool(add)))
+
+    def result(self) -> GreedySoupResult:
+        """The soup and the path so far, as ``greedy_soup`` reports them, with no scores (None)."""
+        picks = zip(self.candidates[1:], self.decisions, strict=False)
+        steps = tuple(GreedyStep(name, None, None, add) for name, add in picks)
+        return GreedySoupResult(self.soup(), steps, tuple((name, None) for name in self.candidates), None)
+
+    def record(self) -> dict:
+        """The path for a recipe's ``greedy_soup`` entry, naming the user as the scorer."""
+        return {**self.result().record(), "scorer": USER}
+
+    def state(self) -> dict:
+        """JSON-able: ``GreedyWalk(**walk.state()) == walk``."""
+        return {"candidates": list(self.candidates), "decisions": list(self.decisions)}
 
 
 def _candidates(candidates: Sequence[str]) -> tuple[str, ...]:

@@ -1,4 +1,5 @@
-"""The experiment loop's sweep: for each point, merge into the loaded model, generate, then one grid.
+"""The experiment loop: sweeps (for each point, merge into the loaded model, generate, then one
+grid) and greedy soups (each soup tried in the loaded model, one image per prompt, then scored).
 
 Host-free: the host (the webui) merges in place (``try_merge``), generates (``generate``) and
 draws and saves the grid (``save_grid``); this module decides the order, the fixed seed, what to
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import CancelledError
+from .errors import CancelledError, MergeError, RequestError
+from .greedy_soup import USER, GreedySoupResult, GreedyWalk, greedy_soup, soup_node
 from .host import AppHost
 from .io.input_cache import InputCache
 from .request import MergeRequest
@@ -147,3 +149,180 @@ def _save_grid(host: ImageHost, outcome: SweepOutcome, x: SweepAxis, y: SweepAxi
     info = f"{cells[0].infotext}\nMerge Lab sweep: {x.param}" + (f" x {y.param}" if y else "")
     x_labels = [x.label(value) for value in x.values[:columns]]
     outcome.grid, outcome.grid_path = host.save_grid([cell.image for cell in cells], x_labels, rows, settings, info)
+
+
+# Greedy soup (lib_merge.greedy_soup) with images: a soup of 2+ models is tried in the loaded model,
+# a single model is loaded as it is; each then gives one image per prompt, all with one seed.
+
+
+@dataclass
+class GreedyOutcome:
+    """A greedy soup as found: the path (``result``; None when cancelled), the request that saves
+    the soup with the path in its recipe (None for a single model: the file exists), and the final
+    soup's images, one per prompt."""
+
+    result: GreedySoupResult | None
+    request: MergeRequest | None
+    images: list
+    seed: int
+    seconds: float = 0.0
+    evaluated: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.result is None
+
+    @property
+    def model(self) -> str:
+        """The single model that no soup beat, or "" when the result is a soup."""
+        return self.result.ingredients[0] if self.result and self.request is None else ""
+
+    def message(self) -> str:
+        if self.result is None:
+            return "\n".join([f"Greedy soup cancelled after {self.evaluated} soups, {self.seconds:.1f} s", *self.notes])
+        result = self.result
+        found = " + ".join(result.ingredients) if self.request else f"{self.model} alone (its file is the soup)"
+        lines = [f"Greedy soup: {found}, seed {self.seed}, {self.seconds:.1f} s"]
+        lines.append("Ranking: " + ", ".join(name + _score_text(score) for name, score in result.ranking))
+        for step in result.steps:
+            verdict = "added" if step.kept else "left out"
+            if step.score_with is None:
+                lines.append(f"+ {step.candidate}: {verdict} (your pick)")
+            else:
+                lines.append(f"+ {step.candidate}: {step.score_with:.4g} vs {step.score_before:.4g}, {verdict}")
+        return "\n".join(lines + self.notes)
+
+
+def _score_text(score: float | None) -> str:
+    return "" if score is None else f" {score:.4g}"
+
+
+def soup_request(names, provenance: dict | None = None) -> MergeRequest:
+    """The uniform soup of ``names`` as a request; ``provenance`` goes into its recipe."""
+    return MergeRequest(names[0], tree=soup_node(names), provenance=provenance)
+
+
+def greedy_provenance(record: dict, scorer: str, prompts: list[str], seed: int) -> dict:
+    """MergeRequest.provenance for a greedy soup: the path, who scored it and on which images."""
+    return {"greedy_soup": {**record, "scorer": scorer, "prompts": list(prompts), "seed": seed}}
+
+
+def run_greedy_soup(
+    host: ImageHost,
+    candidates: list[str],
+    prompts: list[str],
+    settings: ImageSettings,
+    scorer: Callable,
+    *,
+    scorer_name: str,
+    task_id: str = "",
+    on_step: Callable[[tuple[str, ...], list], None] | None = None,
+) -> GreedyOutcome:
+    """Greedy soup scored by ``scorer(images, prompts) -> float`` as one host job (inputs read once).
+
+    Cancel stops between soups (or in an image, or in a merge, which the host then undoes); the
+    loaded model is then the last soup tried, whole. Otherwise it is left on the soup found,
+    tried with the request that carries the path, so "Save tried" saves that path too.
+    """
+    started = time.perf_counter()
+    prompts = _prompts(prompts)
+    settings = settings.with_fixed_seed()
+    images: dict[tuple[str, ...], list] = {}
+
+    def score_of(soup: tuple[str, ...]) -> float:
+        _put_on(host, soup, inputs)
+        images[soup] = _images(host, prompts, settings)
+        if on_step is not None:
+            on_step(soup, images[soup])
+        try:
+            return scorer(images[soup], list(prompts))
+        except MergeError:
+            raise
+        except Exception as err:  # the scorer is the user's code: its error names it and the soup
+            raise RequestError(
+                f"scorer: {scorer_name} failed on {' + '.join(soup)} ({type(err).__name__}: {err})"
+            ) from err
+
+    jobs = (2 * len(candidates) - 1) * len(prompts)
+    with host.job(task_id, jobs=jobs), InputCache(host.device()) as inputs:
+        try:
+            result = greedy_soup(candidates, score_of, should_stop=host.should_stop)
+        except CancelledError as err:
+            return GreedyOutcome(None, None, [], settings.seed, time.perf_counter() - started, len(images), [str(err)])
+        provenance = greedy_provenance(result.record(), scorer_name, prompts, settings.seed)
+        request = _settle(host, result, provenance, inputs)
+    seconds = time.perf_counter() - started
+    return GreedyOutcome(result, request, images[result.ingredients], settings.seed, seconds, len(images))
+
+
+def greedy_pair(
+    host: ImageHost, walk: GreedyWalk, prompts: list[str], settings: ImageSettings, *, task_id: str = ""
+) -> tuple[list, list]:
+    """The images the user compares at the walk's pending step, one per prompt: the soup's, then the
+    soup + candidate's (left in the model), as one host job. ``settings.seed`` should be fixed for
+    the whole walk (``with_fixed_seed`` once, at its start), so each step differs by the merge alone."""
+    pair = walk.pending()
+    if pair is None:
+        raise RequestError("greedy_soup.decide: nothing is pending, every candidate is decided")
+    prompts = _prompts(prompts)
+    settings = settings.with_fixed_seed()
+    shown = []
+    with host.job(task_id, jobs=2 * len(prompts)), InputCache(host.device()) as inputs:
+        for soup in pair:
+            _put_on(host, soup, inputs)
+            shown.append(_images(host, prompts, settings))
+    return shown[0], shown[1]
+
+
+def finish_walk(
+    host: ImageHost, walk: GreedyWalk, prompts: list[str], settings: ImageSettings, *, task_id: str = ""
+) -> GreedyOutcome:
+    """The user's soup once every candidate is decided: left in the model (tried with the request
+    that carries the path, ``"scorer": "user"``; a single model loaded whole) and its images."""
+    if not walk.done:
+        left = len(walk.candidates) - 1 - len(walk.decisions)
+        raise RequestError(f"greedy_soup.decide: {left} candidates are still to decide")
+    started = time.perf_counter()
+    prompts = _prompts(prompts)
+    result = walk.result()
+    provenance = greedy_provenance(walk.record(), USER, prompts, settings.seed)
+    with host.job(task_id, jobs=len(prompts)), InputCache(host.device()) as inputs:
+        request = _settle(host, result, provenance, inputs)
+        images = _images(host, prompts, settings)
+    return GreedyOutcome(result, request, images, settings.seed, time.perf_counter() - started)
+
+
+def _prompts(prompts: list[str]) -> list[str]:
+    if isinstance(prompts, str):
+        raise RequestError(f"greedy_soup.prompts: expected a list of prompts, got the string {prompts!r}")
+    prompts = [str(prompt) for prompt in prompts]
+    if not prompts:
+        raise RequestError("greedy_soup.prompts: give at least one prompt")
+    return prompts
+
+
+def _put_on(host: ImageHost, soup: tuple[str, ...], inputs: InputCache) -> None:
+    """Make the loaded model ``soup``: one model loaded as it is, or the uniform soup tried in it."""
+    if len(soup) == 1:
+        host.load(soup[0])
+    else:
+        host.try_merge(soup_request(soup), should_stop=host.should_stop, inputs=inputs)
+
+
+def _settle(host: ImageHost, result: GreedySoupResult, provenance: dict, inputs: InputCache) -> MergeRequest | None:
+    """Leave the model on the result: its soup tried with ``provenance`` (returned), or its one model.
+
+    Not cancellable: the path is found, and this is one merge that leaves a whole soup.
+    """
+    if len(result.ingredients) == 1:
+        host.load(result.ingredients[0])
+        return None
+    request = soup_request(result.ingredients, provenance)
+    host.try_merge(request, inputs=inputs)
+    return request
+
+
+def _images(host: ImageHost, prompts: list[str], settings: ImageSettings) -> list:
+    """One image per prompt from the loaded model, every one with ``settings``' seed."""
+    return [host.generate(replace(settings, prompt=prompt)).image for prompt in prompts]

@@ -12,6 +12,7 @@ serialised ``MergeRequest``: the tree plus the request's output fields, under th
       params: {density: 0.2, lambda: 1.0}
       blocks: {lambda: "BASE=0,IN*=0.5"}
     output: {save_as_half: true, custom_name: my-merge}
+    greedy_soup: {...}   # optional: how the merge was found (MergeRequest.provenance), not used to merge
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ OUTPUT_FIELDS = (
     "copy_metadata_fields",
     "metadata_json",
 )
+# What a recipe may say about how its merge was found (MergeRequest.provenance), each a mapping.
+PROVENANCE_KEYS = ("greedy_soup",)
 
 
 @dataclass(frozen=True)
@@ -151,9 +154,24 @@ def _block_text(value) -> str:
 
 
 def recipe_dict(request, tree: MergeNode | None = None) -> dict:
-    """The recipe of a request: its tree (or ``tree``, the one as merged) and its output fields."""
+    """The recipe of a request: its tree (or ``tree``, the one as merged), its output fields, and
+    how it was found (its provenance's entries, e.g. ``greedy_soup``), when known."""
     output = {name: getattr(request, name) for name in OUTPUT_FIELDS}
-    return {"merge_lab_recipe": VERSION, "merge": (tree or request.root()).to_dict(), "output": output}
+    recipe = {"merge_lab_recipe": VERSION, "merge": (tree or request.root()).to_dict(), "output": output}
+    return {**recipe, **(request.provenance or {})}
+
+
+def check_provenance(provenance, where: str = "provenance") -> None:
+    """None, or a mapping of known provenance keys to mappings (JSON-like); else a RequestError."""
+    if provenance is None:
+        return
+    if not isinstance(provenance, dict):
+        raise RequestError(f"{where}: expected a mapping like {{'greedy_soup': {{...}}}}, got {provenance!r}")
+    for key, value in provenance.items():
+        if key not in PROVENANCE_KEYS:
+            raise RequestError(f"{where}.{key}: unknown (known: {', '.join(PROVENANCE_KEYS)})")
+        if not isinstance(value, dict):
+            raise RequestError(f"{where}.{key}: expected a mapping, got {type(value).__name__}")
 
 
 def recipe_hash(recipe: dict) -> str:
@@ -181,7 +199,9 @@ def request_from_recipe(data, **run_options):
     if unknown:
         raise RequestError(f"recipe.output.{unknown[0]}: unknown field (known: {', '.join(OUTPUT_FIELDS)})")
     first = next(tree.models()).name
-    return MergeRequest(first, tree=tree, **output, **run_options)
+    provenance = {key: data[key] for key in PROVENANCE_KEYS if key in data}
+    check_provenance(provenance, "recipe")
+    return MergeRequest(first, tree=tree, provenance=provenance or None, **output, **run_options)
 
 
 def load_recipe(path: Path) -> dict:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .errors import RequestError
-from .recipe import MergeNode, ModelRef
+from .recipe import MergeNode, ModelRef, check_provenance
 
 CONFIG_SOURCES = ("A, B or C", "B", "C", "Don't")
 FORMATS = ("safetensors", "ckpt")
@@ -40,8 +40,12 @@ class MergeRequest:
     # A recipe tree (any method, nested, per-block parameters); None: the built-in's fields above say
     # what to merge (primary/secondary/tertiary, interp_method, multiplier).
     tree: MergeNode | None = None
+    # How this merge was found, e.g. {"greedy_soup": the path taken}: recorded in the recipe under
+    # those keys, never used to merge (two requests that differ only here merge the same tensors).
+    provenance: dict | None = None
 
     def __post_init__(self):
+        check_provenance(self.provenance)
         source = self.config_source
         if isinstance(source, str) and source in CONFIG_SOURCES:
             object.__setattr__(self, "config_source", CONFIG_SOURCES.index(source))

@@ -79,7 +79,18 @@ class WebuiHost:
         return devices_here(self.device())
 
     def load(self, name: str) -> str:
-        """Make ``name`` the current model the way the settings do: set the option, reload the weights.
+        """Make ``name`` the current model as its file holds it, the way the settings do.
+
+        A model holding a tried merge over that same file counts as that file for the webui, which
+        would keep it: it is reloaded from the file.
+        """
+        title = self._switch(name)
+        if self.tried_request() is not None:
+            sd_models.reload_model_weights(forced_reload=True)
+        return title
+
+    def _switch(self, name: str) -> str:
+        """Set the option and reload the weights (nothing happens when that file is loaded already).
 
         Called while this host's job holds the queue lock, so the reload that the option's onchange
         would queue is called directly here.
@@ -109,7 +120,7 @@ class WebuiHost:
         from . import merge_into
 
         _refuse_what_try_cannot_do()
-        self.load(next(request.root().models()).name)  # no reload when it is loaded (or tried on) already
+        self._switch(next(request.root().models()).name)  # no reload when it is loaded (or tried on) already
         model = shared.sd_model
         previous = getattr(model.sd_checkpoint_info, TRIED, None)
         if previous is not None and previous[0] == request:
@@ -140,7 +151,7 @@ class WebuiHost:
 
     def tried_request(self):
         """The request merged into the loaded model, or None when it holds a checkpoint as loaded."""
-        model = shared.sd_model
+        model = getattr(shared, "sd_model", None)
         tried = getattr(getattr(model, "sd_checkpoint_info", None), TRIED, None)
         return tried[0] if tried is not None else None
 

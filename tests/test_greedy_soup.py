@@ -1,13 +1,15 @@
 """Greedy soup with a deterministic synthetic scorer, and loading a scorer by name."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 
 from lib_merge.errors import CancelledError, RequestError
-from lib_merge.greedy_soup import GreedyStep, greedy_soup, load_scorer
-from lib_merge.recipe import MergeNode, ModelRef
+from lib_merge.greedy_soup import GreedyStep, GreedyWalk, greedy_soup, load_scorer
+from lib_merge.recipe import MergeNode, ModelRef, recipe_dict, request_from_recipe
+from lib_merge.request import MergeRequest
 
 # Each model is a point; a soup is the mean of its models' points, scored by minus its distance to
 # the target (0, 0). "far" alone is the worst and drags any soup away; "near" and "opposite" cancel.
@@ -203,3 +205,107 @@ def test_load_scorer_imports_the_function(scorer_path):
 def test_load_scorer_errors_name_what_is_wrong(scorer_path, spec, message):
     with pytest.raises(RequestError, match=message):
         load_scorer(spec)
+
+
+# The user as the scorer: GreedyWalk, one pick at a time.
+
+
+def test_the_walk_ranks_by_the_given_order_and_follows_the_picks():
+    walk = GreedyWalk(["far", "near", "mild", "opposite"])
+    assert walk.pending() == (("far",), ("far", "near"))
+    walk = walk.decide(False)
+    assert walk.pending() == (("far",), ("far", "mild"))
+    walk = walk.decide(True)
+    assert walk.pending() == (("far", "mild"), ("far", "mild", "opposite"))
+    walk = walk.decide(True)
+    assert walk.done and walk.pending() is None
+    assert walk.soup() == ("far", "mild", "opposite")
+    result = walk.result()
+    assert result.ingredients == ("far", "mild", "opposite")
+    assert [name for name, _ in result.ranking] == ["far", "near", "mild", "opposite"]
+    assert [(step.candidate, step.kept) for step in result.steps] == [
+        ("near", False),
+        ("mild", True),
+        ("opposite", True),
+    ]
+    assert result.node() == MergeNode("soup", (ModelRef("far"), ModelRef("mild"), ModelRef("opposite")))
+
+
+def test_the_walk_record_names_the_user_and_gives_no_scores():
+    record = GreedyWalk(["a", "b", "c"]).decide(True).decide(False).record()
+    assert json.loads(json.dumps(record)) == record
+    assert record == {
+        "algorithm": "greedy_soup",
+        "scorer": "user",
+        "ranking": [{"model": "a", "score": None}, {"model": "b", "score": None}, {"model": "c", "score": None}],
+        "steps": [
+            {"candidate": "b", "score_with": None, "score_before": None, "kept": True},
+            {"candidate": "c", "score_with": None, "score_before": None, "kept": False},
+        ],
+        "ingredients": ["a", "b"],
+        "best_score": None,
+    }
+
+
+def test_the_walk_is_immutable_and_its_state_rebuilds_it():
+    walk = GreedyWalk(["a", "b", "c"])
+    later = walk.decide(True)
+    assert walk.decisions == () and later.decisions == (True,)
+    state = later.state()
+    assert json.loads(json.dumps(state)) == state
+    assert GreedyWalk(**state) == later
+
+
+def test_a_walk_with_nothing_pending_refuses_a_decision():
+    walk = GreedyWalk(["a", "b"]).decide(False)
+    assert walk.done and walk.soup() == ("a",) and walk.result().node() is None
+    with pytest.raises(RequestError, match=r"^greedy_soup\.decide: nothing is pending"):
+        walk.decide(True)
+
+
+@pytest.mark.parametrize(
+    ("candidates", "decisions", "message"),
+    [
+        (["a"], (), r"^greedy_soup\.candidates: a soup needs at least 2 candidates"),
+        (["a", "b", "a"], (), r"^greedy_soup\.candidates\[2\]: 'a' is given twice"),
+        (["a", "b"], (True, False), r"^greedy_soup\.decisions: expected up to 1 true/false picks"),
+        (["a", "b"], ("yes",), r"^greedy_soup\.decisions: expected up to 1 true/false picks"),
+    ],
+)
+def test_a_bad_walk_is_refused(candidates, decisions, message):
+    with pytest.raises(RequestError, match=message):
+        GreedyWalk(candidates, decisions)
+
+
+# The path in a recipe: MergeRequest.provenance, under the recipe's "greedy_soup" key.
+
+
+def test_a_recipe_carries_the_path_and_reads_it_back():
+    record = GreedyWalk(["a", "b"]).decide(True).record()
+    request = MergeRequest(
+        "a", tree=MergeNode("soup", (ModelRef("a"), ModelRef("b"))), provenance={"greedy_soup": record}
+    )
+    recipe = recipe_dict(request)
+    assert recipe["greedy_soup"] == record and recipe["merge"] == {"method": "soup", "models": ["a", "b"]}
+    assert request_from_recipe(json.loads(json.dumps(recipe))) == request
+    plain = recipe_dict(dataclasses.replace(request, provenance=None))
+    assert "greedy_soup" not in plain and request_from_recipe(plain).provenance is None
+
+
+@pytest.mark.parametrize(
+    ("provenance", "message"),
+    [
+        ({"sweep": {}}, r"^provenance\.sweep: unknown \(known: greedy_soup\)"),
+        ({"greedy_soup": [1]}, r"^provenance\.greedy_soup: expected a mapping, got list"),
+        ("greedy", r"^provenance: expected a mapping"),
+    ],
+)
+def test_a_bad_provenance_is_refused(provenance, message):
+    with pytest.raises(RequestError, match=message):
+        MergeRequest("a", "b", provenance=provenance)
+
+
+def test_a_recipe_with_a_bad_path_is_refused_naming_it():
+    recipe = {"merge": {"method": "soup", "models": ["a", "b"]}, "greedy_soup": "kept b"}
+    with pytest.raises(RequestError, match=r"^recipe\.greedy_soup: expected a mapping, got str"):
+        request_from_recipe(recipe)

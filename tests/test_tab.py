@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -45,3 +46,104 @@ def test_the_ui_code_uses_only_apis_gradio_4_still_has():
     source = "\n".join(p.read_text() for p in Path(tab_module.__file__).parent.glob("*.py"))
     assert not re.search(r"gr\.\w+\.update\(", source), "component .update class methods are gone in gradio 4"
     assert "_js=" not in source, "_js is passed only through _page_hook, which falls back to js"
+
+
+GREEDY_IDS = {
+    "merge_lab_greedy", "merge_lab_greedy_candidates", "merge_lab_greedy_prompts", "merge_lab_greedy_scorer",
+    "merge_lab_greedy_start", "merge_lab_greedy_keep", "merge_lab_greedy_add", "merge_lab_greedy_save",
+    "merge_lab_greedy_soup", "merge_lab_greedy_candidate",
+}  # fmt: skip
+
+
+def test_the_greedy_soup_is_hidden_in_the_standalone_app_and_shown_with_a_loaded_model(host, models, tmp_path):
+    from image_host import ImageHost
+
+    for shown_host, visible in ((host, False), (ImageHost(models, tmp_path / "grids"), True)):
+        props = {c["props"].get("elem_id"): c["props"] for c in components(tab_module.build_tab(shown_host))}
+        assert set(props) >= GREEDY_IDS
+        assert props["merge_lab_greedy"]["visible"] is visible
+        assert props["merge_lab_greedy_keep"]["interactive"] is False  # nothing to pick before Start
+
+
+# The sweep's image fields as gradio gives them (numbers as floats).
+GREEDY_IMAGE = {"prompt": "", "negative_prompt": "", "seed": 5.0, "steps": 20.0, "width": 4.0, "height": 4.0,
+                "sampler": "", "cfg_scale": 7.0}  # fmt: skip
+
+
+class TestGreedyHandlers:
+    """The greedy soup's events over a host with a loaded model: Start, the picks, Save soup."""
+
+    OUTPUTS = ("soup", "candidate", "result", "walk", "recipe", "keep", "add", "save")
+
+    @pytest.fixture
+    def image_host(self, models, tmp_path):
+        from image_host import ImageHost
+
+        return ImageHost(models, tmp_path / "grids", hash_cache=tmp_path / "hashes.json")
+
+    def start(self, image_host, candidates, scorer=""):
+        from lib_merge.ui import experiments
+
+        prompts = "a cat\n\n a dog "  # blank lines and spaces around a prompt are dropped
+        out = experiments.start_greedy(image_host, candidates, prompts, scorer, GREEDY_IMAGE, "", _no_progress)
+        return dict(zip(self.OUTPUTS, out, strict=True))
+
+    def test_picking_builds_the_soup_and_save_writes_the_path(self, image_host):
+        from lib_merge.io.readers import open_checkpoint
+        from lib_merge.ui import experiments
+
+        out = self.start(image_host, ["b.safetensors", "a.safetensors", "c.safetensors"])
+        assert [caption for _, caption in out["soup"]] == ["a cat", "a dog"] and len(out["candidate"]) == 2
+        assert "step 1 of 2 (seed 5): b.safetensors beside + a.safetensors" in out["result"]
+        assert out["keep"]["interactive"] and out["add"]["interactive"] and not out["save"]["interactive"]
+        state = out["walk"]
+        assert json.loads(json.dumps(state)) == state and out["recipe"] is None
+
+        out = dict(zip(self.OUTPUTS, experiments.decide_greedy(image_host, state, True, ""), strict=True))
+        assert "step 2 of 2" in out["result"] and out["walk"]["walk"]["decisions"] == [True]
+        out = dict(zip(self.OUTPUTS, experiments.decide_greedy(image_host, out["walk"], False, ""), strict=True))
+        assert "Greedy soup: b.safetensors + a.safetensors" in out["result"]
+        assert not out["keep"]["interactive"] and out["save"]["interactive"]
+        path = out["recipe"]["greedy_soup"]
+        assert path["scorer"] == "user" and path["prompts"] == ["a cat", "a dog"] and path["seed"] == 5
+
+        saved = experiments.save_recipe_file(image_host, out["recipe"], "find a greedy soup")
+        assert "merge-lab-done" in saved
+        [file] = image_host.models_dir.glob("soup(*")
+        with open_checkpoint(file) as reader:
+            assert json.loads(reader.metadata["sd_merge_recipe"])["merge_lab_recipe"]["greedy_soup"] == path
+
+    def test_a_named_scorer_runs_to_the_end(self, image_host, tmp_path, monkeypatch):
+        (tmp_path / "merge_lab_tab_scorer.py").write_text("def score(images, prompts):\n    return 1.0\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        out = self.start(image_host, ["b.safetensors", "a.safetensors"], "merge_lab_tab_scorer:score")
+        assert "Greedy soup: b.safetensors + a.safetensors" in out["result"]  # a tie keeps the candidate
+        assert out["recipe"]["greedy_soup"]["scorer"] == "merge_lab_tab_scorer:score" and out["save"]["interactive"]
+        assert len(out["soup"]) == 2 and out["candidate"] == []
+
+    @pytest.mark.parametrize(
+        ("candidates", "scorer", "message"),
+        [
+            (["a.safetensors"], "", "greedy_soup.candidates: a soup needs at least 2 candidates"),
+            (None, "", "greedy_soup.candidates: a soup needs at least 2 candidates"),
+            (["a.safetensors", "b.safetensors"], "nowhere", "scorer: expected package.module:function"),
+        ],
+    )
+    def test_errors_are_shown_not_raised(self, image_host, candidates, scorer, message):
+        out = self.start(image_host, candidates, scorer)
+        assert "merge-lab-error" in out["result"] and message in out["result"]
+        assert out["walk"] is None and not out["keep"]["interactive"] and not out["save"]["interactive"]
+
+    def test_a_pick_that_fails_keeps_the_walk(self, image_host):
+        from lib_merge.ui import experiments
+
+        state = self.start(image_host, ["a.safetensors", "b.safetensors", "c.safetensors"])["walk"]
+        image_host.stop_after_images = len(image_host.generated)  # Cancel pressed: the next image stops
+        out = dict(zip(self.OUTPUTS, experiments.decide_greedy(image_host, state, True, ""), strict=True))
+        assert "merge-lab-error" in out["result"] and "cancelled" in out["result"]
+        assert out["walk"] == gr.update() and out["keep"]["interactive"]  # the same pick can be made again
+        assert "Start a greedy soup first" in experiments.decide_greedy(image_host, None, True, "")[2]
+
+
+def _no_progress(*args, **kwargs):
+    pass

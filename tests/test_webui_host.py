@@ -97,6 +97,19 @@ def test_load_switches_the_webuis_model_through_its_setting_under_the_queue_lock
     assert webui.shared.opts.saved[-1][1]["sd_model_checkpoint"] == outcome.title
 
 
+def test_loading_the_file_a_merge_is_tried_on_reloads_it_from_the_file(host, webui, monkeypatch):
+    """The webui keeps a model whose file name matches; a tried merge's does, so load forces a reload."""
+    title = host.load("a.safetensors")
+    tried_info = SimpleNamespace(merge_lab_tried=(request(), None))
+    monkeypatch.setattr(webui.shared, "sd_model", SimpleNamespace(sd_checkpoint_info=tried_info), raising=False)
+    assert host.tried_request() == request()
+    assert host.load("a.safetensors") == title
+    assert webui.sd_models.reloads[-2:] == [title, f"forced {title}"]
+    assert host.tried_request() is None
+    host.load("a.safetensors")
+    assert not webui.sd_models.reloads[-1].startswith("forced")  # a checkpoint as loaded is kept
+
+
 def test_a_failed_load_keeps_the_file_restores_the_setting_and_says_why(host, webui):
     webui.shared.opts.data["sd_model_checkpoint"] = "a.safetensors"
     webui.sd_models.fail_next_reload = True

@@ -1,5 +1,6 @@
 """The tab's experiment loop: Try (merge into the loaded model, no file), Save what was tried,
-Restore the model, and sweeps (an X/Y grid of images, one merge per cell).
+Restore the model, sweeps (an X/Y grid of images, one merge per cell) and greedy soups (scored by
+a Python function, or by the user picking between two sets of images at each step).
 
 Shown only where the host has a loaded model to merge into (the webui). The merge fields come
 from the tab's controls, so a sweep varies exactly the merge the Merge button would write.
@@ -8,13 +9,15 @@ from the tab's controls, so a sweep varies exactly the merge the Merge button wo
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 import gradio as gr
 
 from .. import actions, loop
-from ..errors import MergeError
+from ..errors import MergeError, RequestError
+from ..greedy_soup import GreedyWalk, load_scorer
 from ..methods import BOOL, FLOAT, INT, get_method
-from ..recipe import request_from_recipe
+from ..recipe import recipe_dict, request_from_recipe
 from ..sweep import BLOCKS
 from .messages import done_html, error_html
 
@@ -161,3 +164,124 @@ def _whole_numbers(settings: loop.ImageSettings) -> loop.ImageSettings:
     """gr.Number gives floats; the image fields but CFG are whole numbers."""
     whole = {name: int(getattr(settings, name)) for name in ("seed", "steps", "width", "height")}
     return loop.ImageSettings(**{**settings.__dict__, **whole, "cfg_scale": float(settings.cfg_scale)})
+
+
+def build_greedy(host) -> dict:
+    """Greedy soup: candidates, prompts and a scorer; the images use the sweep's seed, steps and size."""
+    with gr.Accordion("Greedy soup", open=False, visible=can_try(host), elem_id="merge_lab_greedy"):
+        candidates = gr.Dropdown(host.checkpoints(), multiselect=True, elem_id="merge_lab_greedy_candidates",
+                                 label="Candidates (when you pick: list the best first)")  # fmt: skip
+        prompts = gr.Textbox(label="Prompts, one per line (seed, steps, size, sampler, CFG: the sweep's)", lines=3,
+                             elem_id="merge_lab_greedy_prompts")  # fmt: skip
+        scorer = gr.Textbox(label="Scorer: package.module:function(images, prompts) -> float; empty: you pick",
+                            elem_id="merge_lab_greedy_scorer")  # fmt: skip
+        with gr.Row():
+            start = gr.Button("Start", variant="primary", elem_id="merge_lab_greedy_start")
+            keep = gr.Button("Keep soup", interactive=False, elem_id="merge_lab_greedy_keep")
+            add = gr.Button("Add candidate", interactive=False, elem_id="merge_lab_greedy_add")
+            save = gr.Button("Save soup", interactive=False, elem_id="merge_lab_greedy_save")
+        with gr.Row():
+            soup = gr.Gallery(label="Soup", columns=2, elem_id="merge_lab_greedy_soup")
+            candidate = gr.Gallery(label="Soup + candidate", columns=2, elem_id="merge_lab_greedy_candidate")
+    return {"greedy_candidates": candidates, "greedy_prompts": prompts, "greedy_scorer": scorer, "greedy_start": start,
+            "greedy_keep": keep, "greedy_add": add, "greedy_save": save, "greedy_soup": soup,
+            "greedy_candidate": candidate, "greedy_walk": gr.State(None), "greedy_recipe": gr.State(None)}  # fmt: skip
+
+
+def start_greedy(host, candidates, prompts_text: str, scorer_text: str, image: dict, task_id: str, progress) -> tuple:
+    """Start: with a scorer, the whole greedy soup; without, the first pair for the user to pick from.
+
+    Returns (soup images, soup + candidate images, result HTML, walk state, soup recipe, and the
+    Keep / Add / Save buttons' updates); see ``_greedy_view``.
+    """
+
+    def show(soup: tuple, images: list) -> None:
+        scored.append(soup)
+        progress((len(scored), 2 * len(candidates) - 1), desc=f"scoring {' + '.join(soup)}")
+
+    scored: list = []
+    try:
+        _can_generate(host)
+        candidates = [host.resolve(name).name for name in candidates or []]  # plain names in the record
+        prompts = _prompt_lines(prompts_text)
+        settings = _whole_numbers(loop.ImageSettings(**{name: image[name] for name in IMAGE_FIELDS})).with_fixed_seed()
+        if not (scorer_text or "").strip():
+            walk = GreedyWalk(candidates or [])
+            return _next_pair(host, {"walk": walk.state(), "prompts": prompts, "settings": asdict(settings)}, task_id)
+        scorer = load_scorer(scorer_text)
+        outcome = loop.run_greedy_soup(host, candidates or [], prompts, settings, scorer,
+                                       scorer_name=scorer_text.strip(), task_id=task_id, on_step=show)  # fmt: skip
+    except MergeError as err:
+        return _greedy_view(message=error_html(str(err)))
+    except Exception as err:  # the tab shows a message, never a traceback; the log keeps it
+        log.exception("Merge Lab: greedy soup failed")
+        return _greedy_view(message=error_html(f"internal error: {type(err).__name__}: {err}"))
+    return _finished(outcome, prompts)
+
+
+def decide_greedy(host, state: dict | None, add: bool, task_id: str) -> tuple:
+    """The user's pick: the next pair, or, after the last pick, the soup they built (left loaded).
+
+    On an error the state stays as it was, so the same pick can be made again."""
+    if not state:
+        return _greedy_view(message=error_html("Start a greedy soup first, with an empty scorer to pick yourself."))
+    try:
+        walk = GreedyWalk(**state["walk"]).decide(add)
+        state = {**state, "walk": walk.state()}
+        if not walk.done:
+            return _next_pair(host, state, task_id)
+        settings = loop.ImageSettings(**state["settings"])
+        outcome = loop.finish_walk(host, walk, state["prompts"], settings, task_id=task_id)
+    except MergeError as err:
+        return _greedy_view(message=error_html(str(err)), state=gr.update(), pending=True)
+    except Exception as err:
+        log.exception("Merge Lab: greedy soup step failed")
+        return _greedy_view(message=error_html(f"internal error: {type(err).__name__}: {err}"), state=gr.update(),
+                            pending=True)  # fmt: skip
+    return _finished(outcome, state["prompts"])
+
+
+def _next_pair(host, state: dict, task_id: str) -> tuple:
+    walk = GreedyWalk(**state["walk"])
+    soup, with_candidate = walk.pending()
+    settings = loop.ImageSettings(**state["settings"])
+    images = loop.greedy_pair(host, walk, state["prompts"], settings, task_id=task_id)
+    step = len(walk.decisions) + 1
+    message = (
+        f"Greedy soup, step {step} of {len(walk.candidates) - 1} (seed {settings.seed}): "
+        f"{' + '.join(soup)} beside + {with_candidate[-1]}. Keep the soup, or add the candidate?"
+    )
+    soups = [_captioned(found, state["prompts"]) for found in images]
+    return _greedy_view(*soups, message=done_html(message), state=state, pending=True)
+
+
+def _finished(outcome: loop.GreedyOutcome, prompts: list[str]) -> tuple:
+    recipe = recipe_dict(outcome.request) if outcome.request is not None else None
+    return _greedy_view(_captioned(outcome.images, prompts), [], message=done_html(outcome.message()), recipe=recipe)
+
+
+def _greedy_view(soup=None, candidate=None, *, message: str, state=None, recipe=None, pending=False) -> tuple:
+    """The outputs of Start, Keep soup and Add candidate, in the order ``wire_experiments`` lists them."""
+    gallery = [gr.update() if soup is None else soup, gr.update() if candidate is None else candidate]
+    keep, add, save = (
+        gr.update(interactive=pending),
+        gr.update(interactive=pending),
+        gr.update(interactive=bool(recipe)),
+    )
+    return (*gallery, message, state, recipe, keep, add, save)
+
+
+def _captioned(images: list, prompts: list[str]) -> list:
+    return list(zip(images, prompts, strict=False))
+
+
+def _prompt_lines(text: str) -> list[str]:
+    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not prompts:
+        raise RequestError("greedy_soup.prompts: give at least one prompt, one per line")
+    return prompts
+
+
+def _can_generate(host) -> None:
+    if not hasattr(host, "generate"):
+        raise RequestError("Greedy soups merge into the webui's loaded model and generate with it; here there is none")

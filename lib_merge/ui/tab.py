@@ -52,6 +52,7 @@ def build_tab(host: AppHost, *, in_webui: bool = False) -> gr.Blocks:
                 ui.update(build_actions(host, in_webui))
                 ui.update(experiments.build_try(host))
                 ui.update(experiments.build_sweep(host))
+                ui.update(experiments.build_greedy(host))
         wire_events(host, ui, in_webui)
         wire_experiments(host, ui, in_webui)
     return tab
@@ -224,7 +225,7 @@ def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
 
 
 def wire_experiments(host: AppHost, ui: dict, in_webui: bool) -> None:
-    """Try, Save tried, Restore, the sweep's axes and run, Save this one."""
+    """Try, Save tried, Restore, the sweep's axes and run, Save this one; the greedy soup's steps."""
     fields = [ui[name] for name in ALL_FIELDS]
     result, tried = ui["result"], ui["tried_recipe"]
 
@@ -266,6 +267,32 @@ def wire_experiments(host: AppHost, ui: dict, in_webui: bool) -> None:
         ui["from_txt2img"].click(
             None, inputs=txt2img, outputs=txt2img, **_page_hook(ui["from_txt2img"], "mergeLabFromTxt2img", True)
         )
+
+    # Greedy soup: its images take the sweep's image fields (but the prompt: it has its own list).
+    image_inputs = [ui[name] for name in experiments.IMAGE_FIELDS]
+    greedy_outputs = [ui["greedy_soup"], ui["greedy_candidate"], result]
+    greedy_outputs += [ui[f"greedy_{name}"] for name in ("walk", "recipe", "keep", "add", "save")]
+
+    def on_greedy_start(progress=gr.Progress(), task_id="", candidates=None, prompts="", scorer="", *values):  # noqa: B008
+        image = dict(zip(experiments.IMAGE_FIELDS, values, strict=True))
+        return experiments.start_greedy(host, candidates, prompts, scorer, image, task_id, progress)
+
+    ui["greedy_start"].click(
+        on_greedy_start,
+        inputs=[ui["task_id"], ui["greedy_candidates"], ui["greedy_prompts"], ui["greedy_scorer"], *image_inputs],
+        outputs=greedy_outputs, **_page_hook(ui["greedy_start"], "mergeLabTask", in_webui),
+    )  # fmt: skip
+
+    def decide(add: bool):
+        return lambda task_id, state: experiments.decide_greedy(host, state, add, task_id)
+
+    for name, add in (("greedy_keep", False), ("greedy_add", True)):
+        ui[name].click(decide(add), inputs=[ui["task_id"], ui["greedy_walk"]], outputs=greedy_outputs,
+                       **_page_hook(ui[name], "mergeLabTask", in_webui))  # fmt: skip
+    ui["greedy_save"].click(
+        lambda recipe: experiments.save_recipe_file(host, recipe, "find a greedy soup"),
+        inputs=[ui["greedy_recipe"]], outputs=[result],
+    )  # fmt: skip
 
 
 def wire_recipe_events(host: AppHost, ui: dict, fields: list) -> None:

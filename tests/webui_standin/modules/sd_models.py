@@ -55,10 +55,13 @@ def checkpoint_tiles(use_short=False):
     return [x.short_title if use_short else x.title for x in checkpoints_list.values()]
 
 
-def reload_model_weights(sd_model=None, info=None):
-    """Loads the checkpoint the option names; the real one runs under the queue lock too."""
+def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+    """Loads the checkpoint the option names (a forced reload is recorded with a "forced " prefix);
+    the real one runs under the queue lock too, and gives the model the checkpoint's own info."""
     global fail_next_reload
-    reloads.append(shared.opts.sd_model_checkpoint)
+    reloads.append(("forced " if forced_reload else "") + str(shared.opts.sd_model_checkpoint))
+    if forced_reload and getattr(shared, "sd_model", None) is not None:
+        shared.sd_model.sd_checkpoint_info = checkpoint_aliases[shared.opts.sd_model_checkpoint]
     if fail_next_reload:
         fail_next_reload = False
         raise RuntimeError("CUDA out of memory (stand-in)")
