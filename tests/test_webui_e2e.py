@@ -390,3 +390,51 @@ def test_the_xyz_plot_has_merge_lab_axes_that_vary_the_tried_merge(webui):
 def part(infotext: str, name: str) -> str:
     """One field of an infotext's parameter line (``Model: x`` -> ``x``)."""
     return infotext.split(name, 1)[1].split(", ")[0]
+
+
+SCORER = "def redness(images, prompts):\n    return sum(sum(p[0] for p in i.getdata()) / (i.width * i.height) for i in images) / len(images)\n"
+
+
+def test_greedy_soup_in_the_tab_picked_by_the_user_then_scored_by_a_function(page, webui):
+    scorer = WEBUI / "merge_lab_e2e_scorer.py"  # importable: the webui runs launch.py from its folder
+    scorer.write_text(SCORER)
+    try:
+        open_merge_lab(page)
+        page.locator("#merge_lab_sweep").get_by_text("Sweep: an X/Y grid of images").click()
+        for elem_id, value in (("merge_lab_width", 64), ("merge_lab_height", 64), ("merge_lab_steps", 2)):
+            set_number(page, elem_id, value)
+        set_number(page, "merge_lab_seed", 7)
+        page.locator("#merge_lab_greedy").get_by_text("Greedy soup").click()
+        pick(page, "merge_lab_greedy_candidates", "rand_b")
+        pick(page, "merge_lab_greedy_candidates", "rand_a")
+        page.locator("#merge_lab_greedy_prompts textarea").fill("a cat\na dog")
+        page.locator("#merge_lab_greedy_start").click()
+        wait_for_result(page, "Greedy soup, step 1 of 1 (seed 7): rand_b.safetensors beside + rand_a.safetensors")
+        assert page.locator("#merge_lab_greedy_soup img").count() == 2  # one image per prompt, each side
+        assert page.locator("#merge_lab_greedy_candidate img").count() == 2
+        shot(page, "webui-merge-lab-greedy.png")
+        page.locator("#merge_lab_greedy_add").click()
+        wait_for_result(page, "Greedy soup: rand_b.safetensors + rand_a.safetensors, seed 7")
+        page.locator("#merge_lab_greedy_save").click()
+        wait_for_result(page, "Saved: soup(rand_b, rand_a).safetensors")
+        found = recipe_of(webui / "soup(rand_b, rand_a).safetensors")["greedy_soup"]
+        assert found["scorer"] == "user" and found["prompts"] == ["a cat", "a dog"] and found["seed"] == 7
+        assert found["steps"] == [{"candidate": "rand_a.safetensors", "score_with": None, "score_before": None,
+                                   "kept": True}]  # fmt: skip
+
+        page.locator("#merge_lab_greedy_scorer textarea").fill("merge_lab_e2e_scorer:redness")
+        page.locator("#merge_lab_greedy_start").click()
+        wait_for_result(page, "Ranking: ")
+        report = page.locator("#merge_lab_result").last.inner_text()
+        ranking = report.split("Ranking: ")[1].split("\n")[0]
+        assert ranking.count(".safetensors ") == 2  # each candidate with its own score
+        steps = [line for line in report.splitlines() if line.startswith("+ ")]
+        assert len(steps) == 1 and " vs " in steps[0]  # the second of the ranking judged against the first
+    finally:
+        scorer.unlink()
+
+
+def wait_for_result(page, text: str) -> None:
+    page.wait_for_function(
+        "t => document.querySelector('#merge_lab_result')?.innerText.includes(t)", arg=text, timeout=900_000
+    )
