@@ -147,13 +147,17 @@ def run_try(host: AppHost, request: MergeRequest, *, task_id: str = "") -> TryOu
 def sweep_axes(host: AppHost, request: MergeRequest, x: tuple[str, str], y: tuple[str, str] | None):
     """The sweep's axes from (parameter, values text) pairs, checked against the request's method
     and its primary model's family (block presets differ between SD1 and SDXL)."""
-    method = request.root().method
-    with open_checkpoint(host.resolve(next(request.root().models()).name).path) as reader:
-        family = arch.family_of(reader.keys())
+    method, family = request.root().method, family_of(host, request)
     axes = [parse_axis(param, text, method, family=family) for param, text in (x, y) if param]
     if not axes:
         raise RequestError("sweep.x: pick the parameter to sweep")
     return axes[0], axes[1] if len(axes) > 1 else None
+
+
+def family_of(host: AppHost, request: MergeRequest) -> str:
+    """The architecture family of the request's primary model, from its header (block layouts differ)."""
+    with open_checkpoint(host.resolve(next(request.root().models()).name).path) as reader:
+        return arch.family_of(reader.keys())
 
 
 def run_sweep(host, request: MergeRequest, x, y, settings, *, task_id: str = "", on_cell=None):

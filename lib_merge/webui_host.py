@@ -2,7 +2,8 @@
 
 Everything the webui gives Merge Lab goes through here: its checkpoint and VAE lists, its output
 folder and device, its hash cache (seeded with the sha256 the writer computed, so a fresh file is
-never read again), its queue lock and progress state, and its own way to switch models.
+never read again), its queue lock and progress state, its own way to switch models, its loaded
+model (Try merges into it), its txt2img and grid helpers (sweeps), and its X/Y/Z plot (axes).
 """
 
 from __future__ import annotations
@@ -269,11 +270,9 @@ class XyzSession:
         self.host.try_merge(request)  # inside the plot's generation: the queue lock is held already
 
     def family(self) -> str:
-        from . import arch
-        from .io.readers import open_checkpoint
+        from .actions import family_of
 
-        with open_checkpoint(self.host.resolve(next(self.base().root().models()).name).path) as reader:
-            return arch.family_of(reader.keys())
+        return family_of(self.host, self.base())
 
     def recipe_dir(self) -> None:
         return None  # recipe files are given by path

@@ -157,3 +157,24 @@ def test_a_bad_recipe_is_a_422_naming_the_field(client, models):
     response = client.post("/merge-lab/v1/merge", json={"recipe": recipe})
     assert response.status_code == 422 and "merge.params.density" in response.json()["detail"]
     assert client.post("/merge-lab/v1/merge", json={}).status_code == 422
+
+
+def test_sweep_merges_and_generates_each_point_and_refuses_where_no_model_is_loaded(client, models, tmp_path):
+    """The sweep route over tests/image_host.py's ImageHost (a loaded model without a webui)."""
+    from image_host import ImageHost
+
+    app = fastapi.FastAPI()
+    add_routes(app, ImageHost(models, tmp_path / "grids", hash_cache=tmp_path / "hashes.json"))
+    body = {"primary_model_name": "a.safetensors", "secondary_model_name": "b.safetensors", "x_param": "alpha",
+            "x_values": "0.2, 0.8", "prompt": "a cat", "seed": 5, "width": 8, "height": 8}  # fmt: skip
+    answer = TestClient(app).post("/merge-lab/v1/sweep", json=body)
+    assert answer.status_code == 200, answer.text
+    found = answer.json()
+    assert [cell["label"] for cell in found["cells"]] == ["alpha 0.2", "alpha 0.8"] and found["seed"] == 5
+    assert [cell["recipe"]["merge"]["params"]["alpha"] for cell in found["cells"]] == [0.2, 0.8]
+    assert found["grid"].startswith(str(tmp_path / "grids")) and not found["cancelled"]
+
+    bad = TestClient(app).post("/merge-lab/v1/sweep", json={**body, "x_values": "0.2, nope"})
+    assert bad.status_code == 422 and "sweep.alpha" in bad.json()["detail"]
+    refused = client.post("/merge-lab/v1/sweep", json=body)  # a plain folder: no model to merge into
+    assert refused.status_code == 422 and "loaded model" in refused.json()["detail"]
