@@ -116,6 +116,7 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
             "grid": str(outcome.grid_path) if outcome.grid_path else None,
             "seed": outcome.seed,
             "cancelled": outcome.cancelled,
+            "loaded": {"name": outcome.loaded[0], "recipe_hash": outcome.loaded[1]},
             "seconds": round(outcome.seconds, 3),
             "cells": [
                 {

@@ -89,6 +89,7 @@ class SweepOutcome:
     seed: int = -1
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    loaded: tuple[str, str] = ("", "")  # (name, recipe hash) of the merge left in the model
 
     @property
     def cancelled(self) -> bool:
@@ -100,6 +101,8 @@ class SweepOutcome:
         if self.grid_path is not None:
             lines.append(f"Grid: {self.grid_path}")
         lines += [f"{cell.label}: {cell.name} [{cell.recipe_hash}]" for cell in self.cells]
+        if self.cancelled and self.loaded[0]:
+            lines.append(f"Loaded now: {self.loaded[0]} [{self.loaded[1]}]")
         return "\n".join(lines + self.notes)
 
 
@@ -113,10 +116,11 @@ def run_sweep(
     task_id: str = "",
     on_cell: Callable[[Cell], None] | None = None,
 ) -> SweepOutcome:
-    """Merge and generate every point as one host job; Cancel stops between points (and in an image).
+    """Merge and generate every point as one host job; Cancel stops between points or in an image.
 
-    The loaded model is left on the last point merged whole, so the webui stays usable; the grid
-    holds the points done.
+    A merge under way is finished first (seconds), so the model is always left holding a whole
+    merge, the last one made (``outcome.loaded``: after a Cancel in an image, a point without a
+    cell), and the webui stays usable. The grid holds the points done.
     """
     started = time.perf_counter()
     points = plan_sweep(request, x, y)
@@ -127,7 +131,8 @@ def run_sweep(
             if host.should_stop():
                 break
             try:
-                tried = host.try_merge(point.request, should_stop=host.should_stop, inputs=inputs)
+                tried = host.try_merge(point.request, inputs=inputs)
+                outcome.loaded = (tried.name, tried.recipe_hash)
                 generated = host.generate(settings)
             except CancelledError:
                 break

@@ -79,6 +79,9 @@ def test_cancel_between_points_keeps_the_cells_done_and_a_usable_model(image_hos
     assert outcome.cancelled and len(outcome.cells) == 2 and outcome.points == 4
     assert outcome.grid.labels[0] == ["alpha = 0.1", "alpha = 0.2"]
     assert "(cancelled)" in outcome.message()
+    # The third point was merged whole before its image was stopped: that merge is what is loaded.
+    assert image_host.tried[0].root().params["alpha"] == 0.3 and image_host.tried[1].name == "0.7(a) + 0.3(b)"
+    assert outcome.loaded == (image_host.tried[1].name, image_host.tried[1].recipe_hash)
     # The model holds a whole merge (the last one tried), never a half-written one.
     expected = sd15_module()
     merge_into(image_host.tried[0], image_host, expected.state_dict())

@@ -438,3 +438,33 @@ def wait_for_result(page, text: str) -> None:
     page.wait_for_function(
         "t => document.querySelector('#merge_lab_result')?.innerText.includes(t)", arg=text, timeout=900_000
     )
+
+
+def test_a_sweep_reports_progress_per_point_and_cancel_leaves_the_last_whole_merge(webui):
+    models = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
+    body = {**models, "x_param": "alpha", "x_values": "0.1:0.9:0.2", "prompt": "a cat", "seed": 3, "steps": 2,
+            "width": 64, "height": 64}  # fmt: skip
+    watcher = ProgressWatcher()
+    watcher.start()
+    answer: dict = {}
+
+    def run_sweep() -> None:
+        answer["status"], answer["body"] = call("/merge-lab/v1/sweep", body)
+
+    sweep = threading.Thread(target=run_sweep)
+    sweep.start()
+    while not any(state["job_no"] >= 2 for state in watcher.seen) and sweep.is_alive():
+        sweep.join(0.2)
+    call("/sdapi/v1/interrupt", {})  # what the webui's Interrupt and the tab's Cancel do
+    sweep.join()
+    watcher.stop.set()
+    assert answer["status"] == 200, answer
+    done = answer["body"]
+    assert done["cancelled"] and 2 <= len(done["cells"]) < 5
+    assert {state["job_count"] for state in watcher.seen} == {5}  # the progress bar counts points
+    # The webui is left on the last merge made, whole (a point whose image was cancelled, or the last
+    # cell's): the next image names it.
+    loaded = done["loaded"]
+    assert loaded["name"] in {f"{round(1 - a, 1)}(rand_a) + {a}(rand_b)" for a in (0.1, 0.3, 0.5, 0.7, 0.9)}
+    _, model = pixels_and_model({"prompt": "a cat", "steps": 2, "width": 64, "height": 64, "seed": 3})
+    assert model == f"Model hash: {loaded['recipe_hash']}, Model: {loaded['name']}"
