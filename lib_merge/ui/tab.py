@@ -225,7 +225,7 @@ def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
 
 
 def wire_experiments(host: AppHost, ui: dict, in_webui: bool) -> None:
-    """Try, Save tried, Restore, the sweep's axes and run, Save this one; the greedy soup's steps."""
+    """Try, Save tried, Restore, the sweep's axes and run, Save this one; then the greedy soup's."""
     fields = [ui[name] for name in ALL_FIELDS]
     result, tried = ui["result"], ui["tried_recipe"]
 
@@ -268,7 +268,13 @@ def wire_experiments(host: AppHost, ui: dict, in_webui: bool) -> None:
             None, inputs=txt2img, outputs=txt2img, **_page_hook(ui["from_txt2img"], "mergeLabFromTxt2img", True)
         )
 
-    # Greedy soup: its images take the sweep's image fields (but the prompt: it has its own list).
+    wire_greedy(host, ui, in_webui)
+
+
+def wire_greedy(host: AppHost, ui: dict, in_webui: bool) -> None:
+    """Greedy soup: Start, Keep soup / Add candidate (the user's picks), Save soup. Its images take
+    the sweep's image fields, but the prompt: it has its own list."""
+    result = ui["result"]
     image_inputs = [ui[name] for name in experiments.IMAGE_FIELDS]
     greedy_outputs = [ui["greedy_soup"], ui["greedy_candidate"], result]
     greedy_outputs += [ui[f"greedy_{name}"] for name in ("walk", "recipe", "keep", "add", "save")]
