@@ -69,7 +69,7 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
     methods = ", ".join(m.label for m in METHODS.values())
 
     async def merge(body: MergeBody):  # type: ignore[valid-type]
-        fields = body.dict() if hasattr(body, "dict") else body.model_dump()
+        fields = _fields(body)
         try:
             request, load = actions.request_from_fields(fields)
             # The merge holds the host's job slot for its whole run: keep the event loop free.
@@ -86,7 +86,7 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
         }
 
     async def try_in_model(body: MergeBody):  # type: ignore[valid-type]
-        fields = body.dict() if hasattr(body, "dict") else body.model_dump()
+        fields = _fields(body)
         try:
             request, _ = actions.request_from_fields(fields)
             outcome = await asyncio.to_thread(actions.run_try, host, request, task_id=fields["id_task"])
@@ -101,7 +101,7 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
         }
 
     async def sweep(body: SweepBody):  # type: ignore[valid-type]
-        fields = body.dict() if hasattr(body, "dict") else body.model_dump()
+        fields = _fields(body)
         settings = ImageSettings(**{f.name: fields.pop(f.name) for f in dataclasses.fields(ImageSettings)})
         axes = [(fields.pop(f"{axis}_param"), fields.pop(f"{axis}_values")) for axis in ("x", "y")]
         try:
@@ -189,6 +189,11 @@ def _models(host: AppHost) -> list[dict]:
             entry["error"] = str(err)
         listed.append(entry)
     return listed
+
+
+def _fields(body) -> dict:
+    """The body's fields as a dict, with pydantic 1 (the webui's) or 2."""
+    return body.dict() if hasattr(body, "dict") else body.model_dump()
 
 
 def _status(err: MergeError) -> int:

@@ -104,7 +104,8 @@ class WebuiHost:
         except Exception:
             shared.opts.set("sd_model_checkpoint", previous, run_callbacks=False)
             raise
-        shared.opts.save(shared.config_filename)
+        if title != previous:  # a Try or a sweep point switches to the loaded file: no config write
+            shared.opts.save(shared.config_filename)
         return title
 
     def try_merge(self, request, *, progress=None, should_stop=None, inputs=None):

@@ -320,12 +320,11 @@ def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, web
     page.locator("#merge_lab_custom_name textarea").fill(f"{MERGED}_tried")
     before = sorted(p.name for p in webui.iterdir())
     page.locator("#merge_lab_try").click()
-    page.wait_for_function("() => document.querySelector('#merge_lab_result')?.innerText.includes('Trying:')")
+    wait_for_result(page, "Trying:")
     assert f"Trying: {MERGED}_tried [" in page.locator("#merge_lab_result").last.inner_text()
     assert sorted(p.name for p in webui.iterdir()) == before  # a try writes no file
     page.locator("#merge_lab_save_tried").click()
-    page.wait_for_function("n => document.querySelector('#merge_lab_result')?.innerText.includes('Saved: ' + n)",
-                           arg=f"{MERGED}_tried")  # fmt: skip
+    wait_for_result(page, f"Saved: {MERGED}_tried")
     assert recipe_of(webui / f"{MERGED}_tried.safetensors")["merge"]["params"]["alpha"] == 0.3
 
     page.locator("#merge_lab_sweep").get_by_text("Sweep: an X/Y grid of images").click()
@@ -335,8 +334,7 @@ def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, web
     page.wait_for_function("() => document.querySelector('#merge_lab_prompt textarea').value === 'a red fox'")
     assert page.locator("#merge_lab_width input[type=number]").input_value() == "128"
     page.locator("#merge_lab_sweep_run").click()
-    page.wait_for_function("() => document.querySelector('#merge_lab_result')?.innerText.includes('Sweep: 3 points')",
-                           timeout=900_000)  # fmt: skip
+    wait_for_result(page, "Sweep: 3 points")
     result = page.locator("#merge_lab_result").last.inner_text()
     grid = Path(result.split("Grid: ")[1].split("\n")[0])
     assert grid.is_file() and grid.is_relative_to(WEBUI / "outputs")  # where the webui saves grids
@@ -350,8 +348,7 @@ def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, web
     pick(page, "merge_lab_cell", "alpha 0.9")
     page.locator("#merge_lab_save_cell").click()
     saved = "0.1(rand_a) + 0.9(rand_b)"
-    page.wait_for_function("n => document.querySelector('#merge_lab_result')?.innerText.includes('Saved: ' + n)",
-                           arg=saved)  # fmt: skip
+    wait_for_result(page, f"Saved: {saved}")
     assert recipe_of(webui / f"{saved}.safetensors")["merge"]["params"]["alpha"] == 0.9
 
 

@@ -139,8 +139,7 @@ def run_sweep(host, fields: dict, axes: dict, image: dict, task_id: str, progres
             host, request, (axes["x_param"], axes["x_values"]), (axes["y_param"], axes["y_values"])
         )
         total = len(x.values) * (len(y.values) if y else 1)
-        settings = loop.ImageSettings(**{name: image[name] for name in IMAGE_FIELDS})
-        settings = _whole_numbers(settings)
+        settings = _image_settings(image)
         outcome = actions.run_sweep(host, request, x, y, settings, task_id=task_id, on_cell=show)
     except MergeError as err:
         return [], error_html(str(err)), gr.update(), {}
@@ -160,10 +159,11 @@ def run_sweep(host, fields: dict, axes: dict, image: dict, task_id: str, progres
     )
 
 
-def _whole_numbers(settings: loop.ImageSettings) -> loop.ImageSettings:
-    """gr.Number gives floats; the image fields but CFG are whole numbers."""
-    whole = {name: int(getattr(settings, name)) for name in ("seed", "steps", "width", "height")}
-    return loop.ImageSettings(**{**settings.__dict__, **whole, "cfg_scale": float(settings.cfg_scale)})
+def _image_settings(image: dict) -> loop.ImageSettings:
+    """The image fields as settings; gr.Number gives floats, and all but CFG are whole numbers."""
+    whole = {name: int(image[name]) for name in ("seed", "steps", "width", "height")}
+    return loop.ImageSettings(**{**{name: image[name] for name in IMAGE_FIELDS}, **whole,
+                                 "cfg_scale": float(image["cfg_scale"])})  # fmt: skip
 
 
 def build_greedy(host) -> dict:
@@ -204,7 +204,7 @@ def start_greedy(host, candidates, prompts_text: str, scorer_text: str, image: d
         _can_generate(host)
         candidates = [host.resolve(name).name for name in candidates or []]  # plain names in the record
         prompts = _prompt_lines(prompts_text)
-        settings = _whole_numbers(loop.ImageSettings(**{name: image[name] for name in IMAGE_FIELDS})).with_fixed_seed()
+        settings = _image_settings(image).with_fixed_seed()
         if not (scorer_text or "").strip():
             walk = GreedyWalk(candidates or [])
             return _next_pair(host, {"walk": walk.state(), "prompts": prompts, "settings": asdict(settings)}, task_id)
