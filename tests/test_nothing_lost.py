@@ -22,6 +22,8 @@ from lib_merge import (
     merge,
 )
 from lib_merge import engine as engine_module
+from lib_merge import plan as plan_module
+from lib_merge.io import mapped_writer
 from lib_merge.synthetic import layout, scaled
 
 
@@ -151,19 +153,56 @@ def test_not_enough_space_is_refused_before_writing(models, tmp_path, small_disk
     assert list(small_disk.iterdir()) == []
 
 
-def test_disk_full_while_writing_gives_a_clear_message_and_no_temp_file(models, tmp_path, small_disk):
-    host = FolderHost(models, output_dir=small_disk, hash_cache=tmp_path / "h.json", device="cpu")
-    filler = small_disk / f"filler-{uuid.uuid4().hex}"
-    filler.touch()
+def fill_after_the_first_key(filler):
+    """A progress callback: another program takes every free byte once the merge is under way."""
 
-    def another_program_fills_the_disk(event):
+    def fill(event):
         if event.keys_done == 1:
             with open(filler, "ab", buffering=0) as file, contextlib.suppress(OSError):
                 while True:
                     file.write(b"\0" * 4096)
 
+    return fill
+
+
+def test_space_is_reserved_first_so_a_disk_filling_up_mid_merge_does_not_break_it(models, tmp_path, small_disk):
+    host = FolderHost(models, output_dir=small_disk, hash_cache=tmp_path / "h.json", device="cpu")
+    filler = small_disk / "filler"
+    filler.touch()
+    result = merge(MergeRequest("a.safetensors", "b.safetensors"), host, progress=fill_after_the_first_key(filler))
+    assert sorted(p.name for p in small_disk.iterdir()) == sorted([filler.name, result.path.name])
+    assert filler.stat().st_size > 0  # the other program did fill the disk
+    assert result.sha256 == hashlib.sha256(result.path.read_bytes()).hexdigest()
+    elsewhere = FolderHost(models, hash_cache=tmp_path / "h.json", device="cpu")
+    reference = load(merge(MergeRequest("a.safetensors", "b.safetensors", custom_name="reference"), elsewhere).path)
+    merged = load(result.path)
+    assert merged.keys() == reference.keys() and all(torch.equal(merged[k], reference[k]) for k in reference)
+
+
+def test_a_disk_filled_after_the_preflight_is_refused_before_merging(models, tmp_path, small_disk, monkeypatch):
+    """The preflight's free-space probe is a stand-in reporting plenty, as if another program took the
+    space between the preflight and the first byte; the reservation itself meets the real full disk."""
+    monkeypatch.setattr(plan_module, "_free_bytes", lambda folder: 1 << 40)
+    bigger = scaled(layout("sd15"), max_dim=32)  # about 5 MB: more than the 1 MiB disk
+    make(models / "x.safetensors", specs=bigger, seed=1)
+    make(models / "y.safetensors", specs=bigger, seed=2)
+    host = FolderHost(models, output_dir=small_disk, hash_cache=tmp_path / "h.json", device="cpu")
+    seen = []
+    with pytest.raises(OutputError, match=r"disk full, [\d,]+ bytes for .* could not be reserved.*nothing was saved"):
+        merge(MergeRequest("x.safetensors", "y.safetensors"), host, progress=seen.append)
+    assert seen == []  # refused before the first tensor
+    assert list(small_disk.iterdir()) == []
+
+
+def test_disk_full_while_writing_gives_a_clear_message_and_no_temp_file(models, tmp_path, small_disk, monkeypatch):
+    """Stand-in for a filesystem that cannot preallocate (tmpfs can): the engine streams with write(),
+    and a disk filled by another program mid-merge makes those writes fail."""
+    monkeypatch.setattr(mapped_writer, "_FALLOCATE", None)
+    host = FolderHost(models, output_dir=small_disk, hash_cache=tmp_path / "h.json", device="cpu")
+    filler = small_disk / f"filler-{uuid.uuid4().hex}"
+    filler.touch()
     with pytest.raises(OutputError, match="disk full while writing"):
-        merge(MergeRequest("a.safetensors", "b.safetensors"), host, progress=another_program_fills_the_disk)
+        merge(MergeRequest("a.safetensors", "b.safetensors"), host, progress=fill_after_the_first_key(filler))
     assert [p.name for p in small_disk.iterdir()] == [filler.name]
 
 

@@ -10,6 +10,7 @@ import torch
 from conftest import SD15, make
 
 from lib_merge import InputError, UnsafePickleError
+from lib_merge.io.mapped_writer import MappedSafetensorsWriter
 from lib_merge.io.readers import TensorSpec, open_checkpoint
 from lib_merge.io.writer import CkptWriter, SafetensorsWriter
 
@@ -30,6 +31,43 @@ def test_writer_output_is_read_back_identically_by_the_safetensors_library(tmp_p
     loaded = safetensors.torch.load_file(str(tmp_path / "x.safetensors"))
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_the_mapped_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path):
+    """Tensors computed into their slots, copied in (misaligned for their dtype), and empty."""
+    tensors = {
+        "odd": torch.randn(3).half(),  # 6 bytes: the next float32 starts misaligned
+        "f32": torch.randn(5, 2),
+        "empty": torch.empty(0, 4),
+        "bf16": torch.randn(7, dtype=torch.bfloat16),
+        "i64": torch.arange(3),
+    }
+    specs = [(k, TensorSpec(v.dtype, tuple(v.shape))) for k, v in tensors.items()]
+    streamed = SafetensorsWriter(tmp_path / "streamed.safetensors", specs, {"k": "v"})
+    mapped = MappedSafetensorsWriter(tmp_path / "mapped.safetensors", specs, {"k": "v"})
+    in_place = []
+    for key, tensor in tensors.items():
+        streamed.add(key, tensor)
+        slot = mapped.slot(key)
+        if slot is not None:
+            slot.copy_(tensor)
+            in_place.append(key)
+        mapped.add(key, tensor if slot is None else slot)
+    assert in_place == ["odd", "bf16"]  # f32 and i64 land misaligned here, empty has no bytes
+    assert mapped.finish() == streamed.finish()
+    assert (tmp_path / "mapped.safetensors").read_bytes() == (tmp_path / "streamed.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mapped.safetensors", "streamed.safetensors"]
+
+
+def test_the_mapped_writer_leaves_nothing_when_aborted(tmp_path):
+    specs = [("a", TensorSpec(torch.float16, (4,))), ("b", TensorSpec(torch.float16, (4,)))]
+    writer = MappedSafetensorsWriter(tmp_path / "x.safetensors", specs, None)
+    writer.slot("a").fill_(1)
+    writer.add("a", writer.slot("a"))
+    with pytest.raises(ValueError, match="writer expected b"):
+        writer.add("c", torch.ones(4, dtype=torch.float16))
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_reader_is_lazy_and_matches_the_safetensors_library(tmp_path):

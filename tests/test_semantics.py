@@ -161,3 +161,25 @@ def test_incompatible_architectures_are_refused_naming_a_key(host, models):
         "c.safetensors",
         "xl.safetensors",
     ]
+
+
+@pytest.mark.parametrize("save_as_half", [False, True])
+def test_computed_in_the_output_file_or_streamed_the_output_is_the_same(host, models, monkeypatch, save_as_half):
+    """The second merge stands in for a filesystem that cannot preallocate (this one can), where the
+    engine streams its output with write() instead of computing into the mapped file."""
+    from lib_merge.io import mapped_writer
+
+    slots = []
+    writer_slot = mapped_writer.MappedSafetensorsWriter.slot
+    monkeypatch.setattr(
+        mapped_writer.MappedSafetensorsWriter, "slot", lambda w, key: slots.append(key) or writer_slot(w, key)
+    )
+    request = dict(multiplier=0.3, save_as_half=save_as_half, overwrite=True)
+    in_place = merge(MergeRequest("a.safetensors", "b.safetensors", custom_name="out", **request), host)
+    mapped_bytes = in_place.path.read_bytes()
+    computed_in_place = len(slots)
+    monkeypatch.setattr(mapped_writer, "_FALLOCATE", None)
+    streamed = merge(MergeRequest("a.safetensors", "b.safetensors", custom_name="out", **request), host)
+    assert computed_in_place > 0 and len(slots) == computed_in_place  # the second merge never mapped
+    assert streamed.sha256 == in_place.sha256
+    assert streamed.path.read_bytes() == mapped_bytes

@@ -55,14 +55,15 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 class _TempFile:
     """A hidden temp file beside ``path`` that becomes ``path`` on commit and vanishes otherwise."""
 
-    def __init__(self, path: Path, overwrite: bool):
+    def __init__(self, path: Path, overwrite: bool, *, readable: bool = False):
         self.path = path
         self.overwrite = overwrite
         self.temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.merge-lab.tmp")
         self.sha256 = hashlib.sha256()
         self.written = self.flushed = 0
         try:
-            self.fd = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+            mode = os.O_RDWR if readable else os.O_WRONLY  # readable: to map it
+            self.fd = os.open(self.temp, mode | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
         except OSError as err:
             raise OutputError(f"{path.parent}: cannot create the output there ({err.strerror})") from None
 
@@ -246,20 +247,19 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _sync_file_range():
-    """Linux's sync_file_range through libc, or None where it does not exist."""
+def libc_function(name: str, *argtypes):
+    """A Linux libc function through ctypes (other threads run while it works), or None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.argtypes = argtypes
     return function
 
 
-_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE = libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 SYNC_FILE_RANGE_WRITE = 2
 
 
