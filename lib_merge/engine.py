@@ -1,16 +1,17 @@
 """The merge loop: for each output key, the method on the device, then the writer.
 
 Read, compute and write overlap: the next key's input pages are requested from the kernel while
-this key is computed on the main thread, and a background thread hashes and writes the previous
-ones. Arithmetic is in float64 on the CPU and CUDA (float32 on MPS, which has no float64), and the
+this key is computed on the main thread, straight into its place in the output file where the
+writer can map it (``io/mapped_writer.py``; a helper thread makes those pages ahead of time), and
+a background thread hashes the previous ones (elsewhere: into reused buffers, written by a thread).
+Arithmetic is in float64 on the CPU and CUDA (float32 on MPS, which has no float64), and the
 result is rounded once to the output dtype, so every value is within one unit in the last place
-of the exact result, whatever the multiplier. Memory holds a few output tensors and small
-float64 scratch buffers, never a model.
+of the exact result, whatever the multiplier. Memory holds small float64 scratch buffers and a
+few output tensors, never a model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 from collections.abc import Callable, Mapping
@@ -104,36 +105,44 @@ def _loop(plan: Plan, compute: _Compute, sink, progress: ProgressFn | None, shou
     total_bytes = sum(job.spec.nbytes for job in plan.jobs)
     done_bytes = 0
     try:
-        with _compute_threads():
-            for index, job in enumerate(plan.jobs):
-                if should_stop is not None and should_stop():
-                    raise CancelledError("cancelled: the merge was stopped and nothing was written")
-                if index + 1 < len(plan.jobs):
-                    _prefetch(plan, plan.jobs[index + 1])
-                tensor, release = compute.output(job, buffers, slot(job.key) if slot is not None else None)
-                sink.add(job.key, tensor, release)
-                done_bytes += job.spec.nbytes
-                if progress is not None:
-                    progress(Progress(index + 1, len(plan.jobs), done_bytes, total_bytes, job.key, compute.pop_note()))
+        for index, job in enumerate(plan.jobs):
+            if should_stop is not None and should_stop():
+                raise CancelledError("cancelled: the merge was stopped and nothing was written")
+            if index + 1 < len(plan.jobs):
+                _prefetch(plan, plan.jobs[index + 1])
+            tensor, release = compute.output(job, buffers, slot(job.key) if slot is not None else None)
+            sink.add(job.key, tensor, release)
+            done_bytes += job.spec.nbytes
+            if progress is not None:
+                progress(Progress(index + 1, len(plan.jobs), done_bytes, total_bytes, job.key, compute.pop_note()))
         return sink.finish(), compute.notes
     except BaseException:
         sink.abort()
         raise
-
-
-@contextlib.contextmanager
-def _compute_threads():
-    """Torch's CPU threads for the arithmetic, leaving a core each to hashing and the page cache.
-
-    On small machines torch's worker threads would otherwise spin between operations on the cores
-    the writer needs (measured on 2 cores: about 3 CPU-seconds more per SD1.5 merge, and slower).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(before, _cpu_count() - 2)))
-    try:
-        yield
     finally:
-        torch.set_num_threads(before)
+        compute.threads.restore()
+
+
+class _TorchThreads:
+    """Torch's CPU thread count, key by key, given back as it was when the merge ends.
+
+    Elementwise keys are bound by memory and disk: there the arithmetic leaves a core each to
+    hashing and to making the output's pages, or torch's workers would spin on the cores those
+    need (measured on 2 cores: about 3 CPU-seconds more per SD1.5 merge, and slower). Whole-tensor
+    methods (TIES, SLERP ...) are bound by the arithmetic, and keep every thread.
+    """
+
+    def __init__(self):
+        self.original = self._current = torch.get_num_threads()
+        self.streaming = max(1, min(self.original, _cpu_count() - 2))
+
+    def use(self, count: int) -> None:
+        if count != self._current:
+            torch.set_num_threads(count)
+            self._current = count
+
+    def restore(self) -> None:
+        self.use(self.original)
 
 
 def _cpu_count() -> int:
@@ -234,6 +243,7 @@ class _Compute:
     def __init__(self, plan: Plan, device: torch.device):
         self.plan = plan
         self.device = device
+        self.threads = _TorchThreads()
         self.notes: list[str] = []
         self._note = ""
         self._scratch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32, float64) per input
@@ -273,8 +283,10 @@ class _Compute:
                 self._note = f"{job.key}: out of {self.device.type} memory, computed on the CPU"
                 self.notes.append(self._note)
         if job.step.flat:
+            self.threads.use(self.threads.streaming)
             self._chunked(job, out)
         else:
+            self.threads.use(self.threads.original)
             out.copy_(self._evaluate(job.step, job.key, torch.device("cpu")))
 
     def _on_device(self, job: Job, out: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ from conftest import load
 
 from lib_merge import CancelledError, MergeRequest, merge
 from lib_merge.io import mapped_writer
+from lib_merge.recipe import MergeNode, ModelRef
 
 
 @pytest.fixture
@@ -18,11 +19,26 @@ def threads():
     torch.set_num_threads(before)
 
 
-def test_the_merge_computes_on_all_cores_but_two_and_gives_torch_its_threads_back(host, models, threads):
-    seen = []
-    merge(MergeRequest("a.safetensors", "b.safetensors"), host, progress=lambda _: seen.append(torch.get_num_threads()))
-    cores = len(os.sched_getaffinity(0))
-    assert set(seen) == {max(1, min(8, cores - 2))}
+def threads_per_merged_key(request, host):
+    seen = set()
+
+    def note(event):
+        if "diffusion_model" in event.key:
+            seen.add(torch.get_num_threads())
+
+    merge(request, host, progress=note)
+    return seen
+
+
+def test_an_elementwise_merge_computes_on_all_cores_but_two_and_gives_torch_its_threads_back(host, models, threads):
+    seen = threads_per_merged_key(MergeRequest("a.safetensors", "b.safetensors"), host)
+    assert seen == {max(1, min(8, len(os.sched_getaffinity(0)) - 2))}
+    assert torch.get_num_threads() == 8
+
+
+def test_a_whole_tensor_method_keeps_every_thread(host, models, threads):
+    node = MergeNode("ties", tuple(ModelRef(f"{n}.safetensors") for n in "abc"), {"density": 0.5})
+    assert threads_per_merged_key(MergeRequest("a.safetensors", tree=node), host) == {8}
     assert torch.get_num_threads() == 8
 
 
