@@ -4,7 +4,7 @@ The temp file is preallocated at its final size (``fallocate``: the disk space i
 any merging, so a disk that fills up later cannot break the merge) and mapped shared; the engine
 writes each merged tensor into its place in the map (``slot``), so no ``write()`` copies the
 bytes again. A background thread hashes each tensor once it is in place and asks the kernel to
-start writing it back. Commit and cleanup are ``_TempFile``'s: nothing half-written is ever
+start writing it back. Commit and cleanup are ``TempFile``'s: nothing half-written is ever
 visible under the output's name. Where the file cannot be preallocated (another OS, a filesystem
 without ``fallocate``), ``PreallocationUnsupported`` is raised and the streaming writer is used.
 """
@@ -26,7 +26,7 @@ import torch
 from ..errors import OutputError
 from . import writer
 from .readers import TensorSpec
-from .writer import WRITEBACK_BYTES, Release, _TempFile, libc_function, safetensors_header
+from .writer import WRITEBACK_BYTES, Release, TempFile, libc_function, safetensors_header
 
 POPULATE_AHEAD_BYTES = 64 << 20  # how far ahead of the arithmetic new pages are faulted in
 
@@ -58,7 +58,7 @@ class MappedSafetensorsWriter:
         self._next = 0
         self._error: BaseException | None = None
         self._stop = threading.Event()
-        self._file = _TempFile(Path(path), overwrite, readable=True)
+        self._file = TempFile(Path(path), overwrite, readable=True)
         try:
             _preallocate(self._file, offset)
             self._map = _map(self._file.fd, offset)
@@ -181,7 +181,7 @@ _MADVISE = libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_i
 MADV_POPULATE_WRITE = 23  # Linux 5.14 and later
 
 
-def _preallocate(file: _TempFile, size: int) -> None:
+def _preallocate(file: TempFile, size: int) -> None:
     if _FALLOCATE is None:
         raise PreallocationUnsupported("fallocate is not available here")
     if _FALLOCATE(file.fd, 0, 0, size) != 0:

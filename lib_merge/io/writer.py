@@ -52,7 +52,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
-class _TempFile:
+class TempFile:
     """A hidden temp file beside ``path`` that becomes ``path`` on commit and vanishes otherwise."""
 
     def __init__(self, path: Path, overwrite: bool, *, readable: bool = False):
@@ -122,7 +122,7 @@ class SafetensorsWriter:
     ):
         self._specs = list(specs)
         self._next = 0
-        self._file = _TempFile(Path(path), overwrite)
+        self._file = TempFile(Path(path), overwrite)
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -198,7 +198,7 @@ class CkptWriter:
         self._path = Path(path)
         self._overwrite = overwrite
         self._tensors: dict[str, torch.Tensor] = {}
-        self._file = _TempFile(self._path, overwrite)
+        self._file = TempFile(self._path, overwrite)
 
     def add(self, key: str, tensor: torch.Tensor, release: Release | None = None) -> None:
         self._tensors[key] = tensor.clone()  # owns its storage: never a view of an input's map
@@ -218,7 +218,7 @@ class CkptWriter:
 class _HashingSink:
     """The minimal file object ``torch.save`` writes to, feeding the temp file and its hash."""
 
-    def __init__(self, file: _TempFile):
+    def __init__(self, file: TempFile):
         self._file = file
 
     def write(self, data) -> int:
