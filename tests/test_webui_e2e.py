@@ -89,6 +89,13 @@ def open_merge_lab(page) -> None:
     page.wait_for_timeout(1500)
 
 
+def choose_a_and_b(page, name: str) -> None:
+    """rand_a and rand_b as A and B in the Merge Lab tab, and the output's name."""
+    pick(page, "merge_lab_primary", "rand_a")
+    pick(page, "merge_lab_secondary", "rand_b")
+    page.locator("#merge_lab_custom_name textarea").fill(name)
+
+
 def pick(page, elem_id: str, text: str) -> None:
     box = page.locator(f"#{elem_id} input")
     box.click()
@@ -136,9 +143,7 @@ def test_the_extension_loaded_without_errors(webui):
 
 def test_merge_and_open_txt2img_then_generate_with_the_merged_model(page, webui):
     open_merge_lab(page)
-    pick(page, "merge_lab_primary", "rand_a")
-    pick(page, "merge_lab_secondary", "rand_b")
-    page.locator("#merge_lab_custom_name textarea").fill(MERGED)
+    choose_a_and_b(page, MERGED)
     page.locator("#merge_lab_save_as_half input").check()
     page.wait_for_function(
         "n => document.querySelector('#merge_lab_preflight textarea').value.includes(n + '.safetensors')", arg=MERGED
@@ -191,9 +196,7 @@ def test_merge_and_open_txt2img_then_generate_with_the_merged_model(page, webui)
 
 def test_cancel_stops_a_running_merge_and_leaves_no_file(page, webui):
     open_merge_lab(page)
-    pick(page, "merge_lab_primary", "rand_a")
-    pick(page, "merge_lab_secondary", "rand_b")
-    page.locator("#merge_lab_custom_name textarea").fill(f"{MERGED}_cancelled")
+    choose_a_and_b(page, f"{MERGED}_cancelled")
     before = sorted(p.name for p in webui.iterdir())
     page.locator("#merge_lab_merge").click()
     page.wait_for_selector("#tab_merge_lab .progressDiv")  # the webui's own progress bar, beside the result
@@ -226,9 +229,7 @@ def test_ties_with_a_block_preset_from_the_tab_and_a_soup_recipe_through_the_api
     open_merge_lab(page)
     page.get_by_role("radio", name="TIES", exact=True).check()
     page.wait_for_selector("#merge_lab_param_density", state="visible")
-    pick(page, "merge_lab_primary", "rand_a")
-    pick(page, "merge_lab_secondary", "rand_b")
-    page.locator("#merge_lab_custom_name textarea").fill(f"{MERGED}_ties")
+    choose_a_and_b(page, f"{MERGED}_ties")
     page.locator("#merge_lab_save_as_half input").check()
     page.locator("#merge_lab_load input").uncheck()
     page.locator("#merge_lab_blocks").get_by_text("Block weights").click()
@@ -315,9 +316,7 @@ def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, web
     for elem_id, value in (("txt2img_width", 128), ("txt2img_height", 128), ("txt2img_steps", 2)):
         set_number(page, elem_id, value)
     open_merge_lab(page)
-    pick(page, "merge_lab_primary", "rand_a")
-    pick(page, "merge_lab_secondary", "rand_b")
-    page.locator("#merge_lab_custom_name textarea").fill(f"{MERGED}_tried")
+    choose_a_and_b(page, f"{MERGED}_tried")
     before = sorted(p.name for p in webui.iterdir())
     page.locator("#merge_lab_try").click()
     wait_for_result(page, "Trying:")

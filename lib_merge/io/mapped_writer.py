@@ -144,8 +144,10 @@ class MappedSafetensorsWriter:
     def _populate(self) -> None:
         """Fault the next tensors' pages in ahead of the arithmetic, on this thread: making a new
         page of the file costs as much as computing its values."""
+        if _MADVISE is None:
+            return
         while (item := self._ahead.get()) is not self._DONE:
-            if self._stop.is_set() or _MADVISE is None:
+            if self._stop.is_set():
                 continue
             start, end = item
             first = start // mmap.PAGESIZE * mmap.PAGESIZE
