@@ -22,7 +22,7 @@ import torch
 
 from .errors import CancelledError, IncompatibleModelsError, RequestError
 from .io.mapped_writer import MappedSafetensorsWriter, PreallocationUnsupported
-from .io.writer import CkptWriter, SafetensorsWriter
+from .io.writer import CkptWriter, SafetensorsWriter, remove_leftovers
 from .plan import Job, Plan
 from .steps import Step
 
@@ -197,6 +197,8 @@ def usable_device(name: str) -> torch.device:
 def _open_writer(plan: Plan):
     specs = [(job.key, job.spec) for job in plan.jobs]
     overwrite = plan.request.overwrite
+    # Temp files of merges killed earlier (kill -9, a crash) would hold their full size forever.
+    remove_leftovers(plan.output.parent)
     if plan.output.suffix.lower() != ".safetensors":
         return CkptWriter(plan.output, specs, overwrite=overwrite)
     try:

@@ -71,7 +71,11 @@ class Plan:
 
     @property
     def output_bytes(self) -> int:
+        from .io.writer import ckpt_size  # the .ckpt layout is the writer's knowledge
+
         specs = [(job.key, job.spec) for job in self.jobs]
+        if self.output.suffix.lower() != ".safetensors":  # torch.save's zip takes more than safetensors
+            return ckpt_size(specs)
         return len(safetensors_header(specs, self.metadata)) + sum(s.nbytes for _, s in specs)
 
     @property

@@ -9,12 +9,15 @@ Key names are normalised the way the webui's ``get_state_dict_from_checkpoint`` 
 
 from __future__ import annotations
 
+import builtins
+import importlib.util
+import itertools
 import json
 import mmap
 import os
 import pickle
+import re
 import struct
-import zipfile
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -142,6 +145,7 @@ class SafetensorsReader(CheckpointReader):
             raise InputError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
         for key, entry in header.items():
             specs[key], self._offsets[key] = _parse_entry(path, key, entry, size - data_start)
+        _check_no_overlap(path, self._offsets)
         self.metadata = dict(metadata)
         super().__init__(path, specs)
 
@@ -218,36 +222,111 @@ def _open_input(path: Path):
 
 
 def _read_header(path: Path, file, size: int) -> tuple[dict, int]:
+    # No message here quotes the file's bytes: the file may be anything (a text file, a secret).
     if size < 8:
         raise InputError(f"{path}: not a safetensors file (only {size} bytes)")
     (header_len,) = struct.unpack("<Q", file.read(8))
     if header_len > min(MAX_HEADER_BYTES, size - 8):
-        raise InputError(f"{path}: not a safetensors file, or truncated (header of {header_len} bytes)")
+        raise InputError(f"{path}: not a safetensors file, or truncated (its header length does not fit the file)")
     try:
-        header = json.loads(file.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: corrupt safetensors header ({err})") from None
+        header = json.loads(file.read(header_len).decode("utf-8"), object_pairs_hook=_unique_names)
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: corrupt safetensors header, or not a safetensors file (not UTF-8 text)") from None
+    except json.JSONDecodeError as err:
+        raise InputError(
+            f"{path}: corrupt safetensors header, or not a safetensors file (not JSON, at header byte {err.pos})"
+        ) from None
+    except RecursionError:
+        raise InputError(f"{path}: corrupt safetensors header (nested too deeply)") from None
+    except _BadName as err:
+        raise InputError(f"{path}: corrupt safetensors header ({err.args[0]})") from None
+    except ValueError:  # e.g. an integer of thousands of digits
+        raise InputError(f"{path}: corrupt safetensors header (a number too long to read)") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     return header, 8 + header_len
 
 
+class _BadName(ValueError):
+    """A header object names something twice, or a name is not valid Unicode."""
+
+
+def _unique_names(pairs: list[tuple[str, object]]) -> dict:
+    """json's object hook: a name given twice would hide one entry behind another, so refuse it."""
+    result = dict(pairs)
+    for name, value in pairs:
+        # A lone surrogate (from a \\ud800 escape) would break writing the name into the output.
+        for text in (name, value) if isinstance(value, str) else (name,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _BadName(f"a name or value near key {_shown(name)} is not valid Unicode") from None
+    if len(result) != len(pairs):
+        seen = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _BadName(f"key {_shown(name)} appears twice")
+            seen.add(name)
+    return result
+
+
+def _shown(name: str) -> str:
+    """A name from a header as one short line of error text, whatever it holds."""
+    text = name if name.isprintable() else ascii(name)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+MAX_DIMS = 64
+MAX_DIM = 1 << 48
+MAX_OFFSET = 1 << 64  # safetensors' offsets are u64
+
+
+def _is_count(value: object, limit: int) -> bool:
+    """A plain JSON integer in [0, limit]: not a bool, a float (2.0) or a string ("3")."""
+    return type(value) is int and 0 <= value <= limit
+
+
 def _parse_entry(path: Path, key: str, entry, data_size: int) -> tuple[TensorSpec, tuple[int, int]]:
-    try:
-        dtype = DTYPES[entry["dtype"]]
-        shape = tuple(int(n) for n in entry["shape"])
-        begin, end = (int(n) for n in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError):
-        raise InputError(f"{path}: corrupt safetensors header at key {key}: {entry!r}") from None
-    spec = TensorSpec(dtype, shape)
-    if min(shape, default=0) < 0 or end - begin != spec.nbytes or begin < 0:
-        raise InputError(f"{path}: corrupt safetensors header at key {key}: {entry!r}")
+    where = f"{path}: corrupt safetensors header at key {_shown(key)}"
+    if not isinstance(entry, dict):
+        raise InputError(f"{where} (not an object with dtype, shape and data_offsets)")
+    name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(name, str) or name not in DTYPES:
+        raise InputError(f"{where} (missing or unknown dtype; known: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_count(n, MAX_DIM) for n in shape):
+        raise InputError(f"{where} (shape must be a list of at most {MAX_DIMS} whole numbers from 0 to 2**48)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(n, MAX_OFFSET) for n in offsets):
+        raise InputError(f"{where} (data_offsets must be two whole numbers from 0 to 2**64)")
+    spec = TensorSpec(DTYPES[name], tuple(shape))
+    # Zero-size tensors hold no bytes, but torch still lays out their other dimensions: bound them too.
+    if prod(max(n, 1) for n in shape) * spec.dtype.itemsize > MAX_DIM:
+        raise InputError(f"{where} (its shape is too large for any file)")
+    begin, end = offsets
+    if begin > end:
+        raise InputError(f"{where} (data_offsets end before they begin)")
     if end > data_size:
-        raise InputError(f"{path}: truncated: key {key} ends at data byte {end} but the file holds only {data_size}")
+        raise InputError(
+            f"{path}: truncated: key {_shown(key)} ends at data byte {end} but the file holds only {data_size}"
+        )
+    if end - begin != spec.nbytes:
+        raise InputError(
+            f"{where} (shape {shape} of {name} needs {spec.nbytes} bytes, data_offsets give {end - begin})"
+        )
     return spec, (begin, end)
 
 
+def _check_no_overlap(path: Path, offsets: dict[str, tuple[int, int]]) -> None:
+    """Two keys sharing bytes would alias each other's tensor: refuse, as the safetensors library does."""
+    ranges = sorted((begin, end, key) for key, (begin, end) in offsets.items() if end > begin)
+    for (_, end, key), (begin, _, other) in itertools.pairwise(ranges):
+        if begin < end:
+            raise InputError(
+                f"{path}: corrupt safetensors header: keys {_shown(key)} and {_shown(other)} share data bytes"
+            )
+
+
 def _safe_torch_load(path: Path):
+    # torch's own messages can quote the file's bytes ("Unsupported operand 114" is an "r"): never shown.
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -256,10 +335,39 @@ def _safe_torch_load(path: Path):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown object"
+        wanted = _refused_global(str(err))
+        if wanted is None:
+            raise UnsafePickleError(
+                f"{path}: refused: not a checkpoint (unreadable pickle); nothing in it was run"
+            ) from None
         raise UnsafePickleError(
             f"{path}: refused: this pickle needs more than tensors to load, and its code was not run "
-            f"({reason}). Convert it to .safetensors with a tool you trust."
+            f"(Unsupported global: GLOBAL {wanted}). Convert it to .safetensors with a tool you trust."
         ) from None
-    except (EOFError, zipfile.BadZipFile, RuntimeError, ValueError, struct.error) as err:
-        raise InputError(f"{path}: corrupt or truncated checkpoint ({err})") from None
+    except Exception:  # any other failure of torch on a file that is not a checkpoint
+        raise InputError(f"{path}: not a checkpoint, or corrupt or truncated (torch cannot read it)") from None
+
+
+_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([A-Za-z_][\w.]{0,100}?)(?: was| whose|\.?$)")
+
+
+def _refused_global(message: str) -> str | None:
+    """The class a refused pickle asked for, when it names a real module's (or a builtin's) name.
+
+    The name comes from the file: shown only when it is one Python itself knows, so no other text
+    from the file (a text file that happens to start like a pickle) ever reaches the message.
+    """
+    found = _GLOBAL.search(message)
+    if found is None:
+        return None
+    name = found.group(1)
+    module, _, attribute = name.rpartition(".")
+    if not module:
+        return name if hasattr(builtins, name) else None
+    if not all(part.isidentifier() for part in name.split(".")):
+        return None
+    try:
+        known = importlib.util.find_spec(module.split(".")[0]) is not None
+    except (ImportError, ValueError):
+        known = False
+    return name if known and attribute else None

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import uuid
@@ -25,6 +26,11 @@ import torch
 
 from ..errors import OutputError
 from .readers import DTYPE_NAMES, TensorSpec
+
+try:
+    import fcntl  # POSIX: a temp file's lock tells a live merge from a killed one
+except ImportError:  # Windows: no locking, so no cleanup of leftovers
+    fcntl = None
 
 Release = Callable[[], None]
 # Ask the kernel to start writing back every this many bytes, so the final fsync finds little to do.
@@ -52,20 +58,58 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
+TEMP_SUFFIX = ".merge-lab.tmp"
+_TEMP_NAME = re.compile(r"\..+\.[0-9a-f]{8}" + re.escape(TEMP_SUFFIX), re.DOTALL)
+# Temp files this process holds: never removed by its own cleanup, even where flock is emulated
+# with per-process POSIX locks (NFS), which would not keep out a second open in the same process.
+_LIVE: set[tuple[int, int]] = set()
+
+
 class TempFile:
-    """A hidden temp file beside ``path`` that becomes ``path`` on commit and vanishes otherwise."""
+    """A hidden temp file beside ``path`` that becomes ``path`` on commit and vanishes otherwise.
+
+    It holds an exclusive ``flock`` for its whole life, so ``remove_leftovers`` can tell the temp
+    file of a live merge from one left by a killed process (a lock dies with its process).
+    """
 
     def __init__(self, path: Path, overwrite: bool, *, readable: bool = False):
         self.path = path
         self.overwrite = overwrite
-        self.temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.merge-lab.tmp")
         self.sha256 = hashlib.sha256()
         self.written = self.flushed = 0
+        self._id: tuple[int, int] | None = None
+        mode = os.O_RDWR if readable else os.O_WRONLY  # readable: to map it
+        for _ in range(5):
+            self.temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+            try:
+                self.fd = os.open(self.temp, mode | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
+            except OSError as err:
+                raise OutputError(f"{path.parent}: cannot create the output there ({err.strerror})") from None
+            if self._lock():
+                return
+            os.close(self.fd)  # a cleaner took it before it was locked (and removes it): take another name
+        raise OutputError(f"{path.parent}: cannot create the output there (its temp file kept being removed)")
+
+    def _lock(self) -> bool:
+        """Lock the new file; False when a cleaner took it (it holds it, or removed it) before the lock."""
+        if fcntl is None:
+            return True
         try:
-            mode = os.O_RDWR if readable else os.O_WRONLY  # readable: to map it
-            self.fd = os.open(self.temp, mode | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
-        except OSError as err:
-            raise OutputError(f"{path.parent}: cannot create the output there ({err.strerror})") from None
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass  # a filesystem without locks: cleaners cannot lock it either, so they leave it alone
+        try:
+            named = os.stat(self.temp, follow_symlinks=False)
+        except OSError:
+            return False
+        held = os.fstat(self.fd)
+        if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+            return False
+        self._id = (held.st_dev, held.st_ino)
+        _LIVE.add(self._id)
+        return True
 
     def write(self, data: memoryview) -> None:
         self.sha256.update(data)
@@ -90,20 +134,69 @@ class TempFile:
             os.fsync(self.fd)
         except OSError as err:
             raise OutputError(_write_failure(self.path, err)) from None
-        os.close(self.fd)
-        self.fd = -1
         if not self.overwrite and self.path.exists():
             raise OutputError(f"{self.path}: already exists (appeared during the merge); choose overwrite")
-        os.replace(self.temp, self.path)
+        if fcntl is None:  # Windows cannot rename an open file
+            self._close()
+        os.replace(self.temp, self.path)  # still locked: no cleaner can take the temp file before this
+        self._close()
         _fsync_folder(self.path.parent)
         return self.sha256.hexdigest()
 
     def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if fcntl is None:
+            self._close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.temp)
+        self._close()
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            _LIVE.discard(self._id)
+            os.close(self.fd)
+            self.fd = -1
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files of merges that were killed (``kill -9``, a crash, a power cut) in ``folder``.
+
+    Only files named as ``TempFile`` names them whose lock can be taken: a live merge, in this
+    process or another, holds its lock, so two merges into one folder never delete each other's
+    file. Returns what was removed. Never raises ``OSError``; does nothing where there is no flock.
+    """
+    removed: list[Path] = []
+    if fcntl is None:
+        return removed
+    try:
+        entries = [entry for entry in os.scandir(folder) if _TEMP_NAME.fullmatch(entry.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if _remove_if_abandoned(entry):
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _remove_if_abandoned(entry: os.DirEntry) -> bool:
+    if not entry.is_file(follow_symlinks=False):
+        return False
+    named = entry.stat(follow_symlinks=False)
+    if (named.st_dev, named.st_ino) in _LIVE:
+        return False
+    fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # its merge is still running
+        held, named = os.fstat(fd), os.stat(entry.path, follow_symlinks=False)
+        if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+            return False  # the name was reused meanwhile: not the file that was checked
+        os.unlink(entry.path)
+        return True
+    finally:
+        os.close(fd)
 
 
 class SafetensorsWriter:
@@ -206,7 +299,16 @@ class CkptWriter:
             release()
 
     def finish(self) -> str:
-        torch.save(self._tensors, _HashingSink(self._file))
+        sink = _HashingSink(self._file)
+        try:
+            torch.save(self._tensors, sink)
+        except BaseException:
+            # torch swallows the sink's error into "unexpected pos ...": raise the sink's own instead.
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+        if sink.error is not None:
+            raise sink.error
         self._tensors = {}
         return self._file.commit()
 
@@ -220,14 +322,91 @@ class _HashingSink:
 
     def __init__(self, file: TempFile):
         self._file = file
+        self.error: BaseException | None = None  # the first failure (disk full, Ctrl-C), for finish to raise
 
     def write(self, data) -> int:
+        if self.error is not None:
+            raise self.error
         view = memoryview(data)
-        self._file.write(view)
+        try:
+            self._file.write(view)
+        except BaseException as err:
+            self.error = err
+            raise
         return view.nbytes
 
     def flush(self) -> None:
         pass
+
+
+# torch.save's zip layout (caffe2/serialize/inline_container.cc, on miniz): each record is a local
+# header (30 bytes + name + a 4-byte padding field) with its data aligned to 64 bytes, a data
+# descriptor after the data, and a central directory entry (46 bytes + name); zip64 adds fields.
+_ZIP_ALIGN = 64
+_ZIP32 = 0xFFFFFFFF
+_CKPT_SMALL_RECORDS = ((".format_version", 1), (".storage_alignment", 2), ("byteorder", 6), ("version", 2))
+_CKPT_TRAILING_RECORD = (".data/serialization_id", 40)
+_ZIP_END = 22 + 56 + 20  # end of central directory, and the zip64 end record and locator
+
+
+def ckpt_size(specs: Sequence[tuple[str, TensorSpec]]) -> int:
+    """An upper bound of the size of ``torch.save`` of these tensors (a dict, as ``CkptWriter`` saves).
+
+    Only the pickle's size and the record order (which varies between torch versions) are bounded,
+    not simulated; the tensors' records, nearly all of the file, are laid out as torch lays them out.
+    """
+    cursor = central = 0
+
+    def record(name: str, size: int, known_start: bool) -> None:
+        nonlocal cursor, central
+        big = size >= _ZIP32 or cursor >= _ZIP32
+        header = 30 + len("archive/" + name) + 4 + (28 if big else 0)
+        # A tensor's record follows the one before it in every torch version: its padding is laid out
+        # exactly. Before the others (their order and presence vary by version) the worst is assumed.
+        data_start = -(-(cursor + header) // _ZIP_ALIGN) * _ZIP_ALIGN if known_start else cursor + header + 63
+        cursor = data_start + size + (24 if big else 16)
+        central += 46 + len("archive/" + name) + (28 if big else 0)
+
+    record("data.pkl", _ckpt_pickle_size(specs), False)
+    for name, size in _CKPT_SMALL_RECORDS:
+        record(name, size, False)
+    for index, (_, spec) in enumerate(specs):
+        record(f"data/{index}", spec.nbytes, index > 0)
+    record(*_CKPT_TRAILING_RECORD, False)
+    return cursor + central + _ZIP_END
+
+
+def _ckpt_pickle_size(specs: Sequence[tuple[str, TensorSpec]]) -> int:
+    """An upper bound of torch.save's pickle (protocol 2) of a dict of contiguous tensors.
+
+    Per key: the name, then ``_rebuild_tensor_v2((storage persistent id), 0, size, stride, False,
+    OrderedDict())``; every memo put counted at 5 bytes, every get of a later dtype's class too.
+    """
+    size = 512 + 2 * (len(specs) // 1000 + 1)  # protocol, dict, globals and strings named once; SETITEMS
+    for index, (key, spec) in enumerate(specs):
+        strides, stride = [], 1
+        for n in reversed(spec.shape):
+            strides.append(stride)
+            stride *= max(n, 1)
+        tuple_ops = 1 if not spec.shape else (6 if len(spec.shape) <= 3 else 7)
+        size += 5 + len(key.encode("utf-8")) + 5  # BINUNICODE key, put
+        size += 2 + 1  # get _rebuild_tensor_v2, MARK
+        size += 1 + 2 + 5 + (5 + len(str(index)) + 5) + 2 + _pickled_int(spec.numel) + 1 + 5 + 1  # persistent id
+        size += 2  # storage offset 0
+        size += sum(_pickled_int(n) for n in spec.shape) + sum(_pickled_int(n) for n in strides) + 2 * tuple_ops
+        size += 1 + (2 + 1 + 1 + 5) + (1 + 5) + (1 + 5)  # False, OrderedDict(), TUPLE, REDUCE with their puts
+    return size
+
+
+def _pickled_int(value: int) -> int:
+    """Bytes pickle (protocol 2) takes for a non-negative int: BININT1/2, BININT or LONG1."""
+    if value < 1 << 8:
+        return 2
+    if value < 1 << 16:
+        return 3
+    if value < 1 << 31:
+        return 5
+    return 2 + value.bit_length() // 8 + 1
 
 
 def _write_failure(path: Path, err: OSError) -> str:
