@@ -1,13 +1,15 @@
 """The webui runs this at every start: it must be fast, idempotent, and install nothing the webui has.
 
-Merge Lab needs only torch (the webui's own, never installed here) and safetensors, which the webui
-pins too (0.4.2 in v1.10.1). So this installs safetensors only when it is missing or older than
-MINIMUM, which a stock webui never is; it reads package metadata and imports nothing heavy.
+Merge Lab needs torch (the webui's own, never installed here), safetensors, which the webui pins too
+(0.4.2 in v1.10.1), and regex (for discard_weights' time limit), which the webui has through
+transformers. So this installs either only when it is missing or older than its minimum, which a
+stock webui never is; it reads package metadata and imports nothing heavy.
 """
 
 from importlib import metadata
 
-MINIMUM = (0, 4)
+# package -> the oldest version that works (regex added search timeouts in 2019.3.12).
+MINIMUMS = {"safetensors": (0, 4), "regex": (2019, 3, 12)}
 
 
 def installed_version(package: str) -> tuple[int, ...] | None:
@@ -23,13 +25,16 @@ def installed_version(package: str) -> tuple[int, ...] | None:
 
 
 def main() -> None:
-    version = installed_version("safetensors")
-    if version is not None and version >= MINIMUM:
+    wanted = []
+    for package, minimum in MINIMUMS.items():
+        version = installed_version(package)
+        if version is None or version < minimum:
+            wanted.append(f"{package}>={'.'.join(map(str, minimum))}")
+    if not wanted:
         return
     import launch  # the webui's installer helpers; only imported when there is something to do
 
-    wanted = ".".join(map(str, MINIMUM))
-    launch.run_pip(f'install "safetensors>={wanted}"', f"safetensors>={wanted} for Merge Lab")
+    launch.run_pip("install " + " ".join(f'"{spec}"' for spec in wanted), f"{', '.join(wanted)} for Merge Lab")
 
 
 if __name__ == "__main__":

@@ -77,11 +77,12 @@ def merge(
     from . import engine
 
     started = time.perf_counter()
+    device = _device(request, host)  # a device this machine lacks is refused before any file is read
     plan = make_plan(request, host)
     try:
         plan.check()
         planned = time.perf_counter()
-        sha256, notes = engine.run(plan, _device(request, host), progress=progress, should_stop=should_stop)
+        sha256, notes = engine.run(plan, device, progress=progress, should_stop=should_stop)
         written = time.perf_counter()
         config = copy_config(plan.config, plan.output) if plan.config else None
         name = host.register(plan.output, sha256)
@@ -115,13 +116,12 @@ def merge_into(
     from .recipe import recipe_dict, recipe_hash
 
     started = time.perf_counter()
+    device = _device(request, host)
     plan = make_plan(request, host, open_input=inputs.open if inputs is not None else open_checkpoint)
     try:
         plan.check(ignore_output=True)
         planned = time.perf_counter()
-        missing, notes = engine.run_into(
-            plan, _device(request, host), target, progress=progress, should_stop=should_stop
-        )
+        missing, notes = engine.run_into(plan, device, target, progress=progress, should_stop=should_stop)
     finally:
         plan.close()
     recipe = recipe_dict(request, plan.tree)
@@ -130,8 +130,24 @@ def merge_into(
 
 
 def _device(request: MergeRequest, host: Host) -> str:
-    """The request's device, or the host's when the request says auto."""
-    return host.device() if request.device in ("", "auto") else request.device
+    """The request's device, or the host's when the request says auto; a GPU this machine lacks
+    is a RequestError naming it, not torch's AssertionError or RuntimeError in mid-merge."""
+    device = host.device() if request.device in ("", "auto") else request.device
+    kind, _, index = str(device).partition(":")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise RequestError(f"device: {device} was asked for, but this machine has no usable CUDA GPU")
+        if index and not index.isdigit():
+            raise RequestError(f"device: unknown device {device!r} (auto, cpu, cuda, cuda:N or mps)")
+        if index and int(index) >= count:
+            raise RequestError(
+                f"device: {device} was asked for, but this machine has {count} CUDA GPU(s): cuda:0-{count - 1}"
+            )
+    mps = getattr(torch.backends, "mps", None)
+    if kind == "mps" and not (mps is not None and mps.is_available()):
+        raise RequestError(f"device: {device} was asked for, but MPS is not available here")
+    return device
 
 
 def run_modelmerger(

@@ -18,7 +18,7 @@ from fnmatch import fnmatchcase
 from importlib import resources
 
 from .arch import FLUX, SD1, SD2, SD3, SDXL, SDXL_REFINER
-from .errors import RequestError
+from .errors import RequestError, shown
 
 BASE, MIDDLE, VAE = "BASE", "M00", "VAE"
 
@@ -120,7 +120,10 @@ class BlockValues:
         unknown = [block for block in self.values if block not in settable]
         if unknown:
             raise ValueError(f"{unknown} are not {self.family} blocks {settable}")
-        numbers = [float(self.default), *map(float, self.values.values())]
+        try:
+            numbers = [float(self.default), *map(float, self.values.values())]
+        except OverflowError:  # from Python only: text and requests go through finite_number
+            raise ValueError("per-block values must be within the range of a float") from None
         if not all(math.isfinite(number) for number in numbers):
             raise ValueError(f"per-block values must be finite: {self.default!r}, {dict(self.values)}")
         ordered = {block: float(self.values[block]) for block in settable if block in self.values}
@@ -149,14 +152,16 @@ class BlockValues:
         return ",".join(f"{block}={_text(value)}" for block, value in self.values.items())
 
 
-def finite_number(text: str, where: str) -> float:
-    """``text`` as a finite float; else a RequestError at ``where`` naming it."""
+def finite_number(text: str | float, where: str) -> float:
+    """``text`` (or a number) as a finite float; else a RequestError at ``where`` naming it."""
     try:
         number = float(text)
-    except ValueError:
-        raise RequestError(f"{where}: {text!r} is not a number") from None
+    except (TypeError, ValueError):
+        raise RequestError(f"{where}: {shown(text)} is not a number") from None
+    except OverflowError:  # an int past 1.8e308 (text never overflows: it reads as inf)
+        raise RequestError(f"{where}: {shown(text)} is outside the range of a float (±1.8e308)") from None
     if not math.isfinite(number):
-        raise RequestError(f"{where}: {text!r} is not a finite number")
+        raise RequestError(f"{where}: {shown(text)} is not a finite number")
     return number
 
 
@@ -225,7 +230,7 @@ def parse_blocks(text: str, family: str, *, param: str, default: float) -> Block
     """
     where = f"blocks.{param}"
     _known_family(family, where)
-    default = finite_number(str(default), where)
+    default = finite_number(default, where)
     if not text.strip():
         return BlockValues(family, default)
     items = [item.strip() for item in text.split(",")]

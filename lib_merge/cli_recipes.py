@@ -80,16 +80,31 @@ def run_replay(args, run_request) -> int:
     return _run(request_from_recipe(recipe, **_options(args)), args.models or args.merged.parent, args, run_request)
 
 
+# Fields build_metadata writes after the user's: a user field of that name keeps only its place.
+ENGINE_FIELDS = ("format", "sd_merge_recipe", "sd_merge_models")
+
+
 def recipe_of(path: Path) -> dict:
-    """The Merge Lab recipe stored in a checkpoint's metadata; an error names the file when there is none."""
+    """The Merge Lab recipe stored in a checkpoint's metadata; an error names the file when there is none.
+
+    The user's metadata is stored once, as the file's fields; the recipe names them
+    (``sd_merge_recipe.metadata_fields``), and ``metadata_json`` is rebuilt from the file here, in
+    the same order, so a replay writes the same header.
+    """
     with open_checkpoint(path) as reader:
-        field = reader.metadata.get("sd_merge_recipe")
+        metadata = dict(reader.metadata)
+    field = metadata.get("sd_merge_recipe")
     try:
-        recipe = json.loads(field).get("merge_lab_recipe") if field else None
-    except (json.JSONDecodeError, AttributeError):
-        recipe = None
-    if not recipe:
+        stored = json.loads(field) if field else {}
+        recipe = stored.get("merge_lab_recipe")
+    except (json.JSONDecodeError, AttributeError, RecursionError):
+        stored, recipe = {}, None
+    if not isinstance(recipe, dict):
         raise RequestError(f"{path}: has no Merge Lab recipe in its metadata (sd_merge_recipe.merge_lab_recipe)")
+    names = stored.get("metadata_fields") or []
+    if names and isinstance(names, list) and isinstance(recipe.get("output"), dict):
+        user = {str(name): "" if name in ENGINE_FIELDS else metadata.get(str(name), "") for name in names}
+        recipe["output"]["metadata_json"] = json.dumps(user, ensure_ascii=False)
     return recipe
 
 

@@ -28,3 +28,22 @@ class OutputError(MergeError):
 
 class CancelledError(MergeError):
     """The merge was stopped by the user; nothing was written."""
+
+
+def brief(err: BaseException, limit: int = 300) -> str:
+    """An unexpected error as one short line (torch and C++ messages run to pages of stack trace):
+    its type and the first line of its message, for the user; the log keeps the whole of it."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    first = lines[0] if lines else ""
+    if len(first) > limit:
+        first = first[: limit - 3] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def shown(value, limit: int = 60) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters: a huge number or text
+    from a request is not echoed back whole (and an int of over 4300 digits has no repr)."""
+    if isinstance(value, int) and value.bit_length() > 4 * limit:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -216,7 +216,7 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     problems: list[MergeError] = []
     jobs = []
     for key in _write_order(a):
-        if discard and discard.search(key):
+        if discard and discard(key):
             continue
         if key in vae_keys:
             jobs.append(Job(key, "vae", _half(vae.spec(vae_keys[key]), request.save_as_half)))
@@ -332,13 +332,56 @@ def _write_order(reader: CheckpointReader) -> list[str]:
     return reader.keys()
 
 
-def _discard_pattern(regex: str):
-    if not regex:
+# discard_weights is searched in every key: one time budget for the whole key list, so a pattern
+# that backtracks without end (``^(a|aa)+$``) is refused at preflight instead of holding the server.
+DISCARD_SECONDS = 1.0
+DISCARD_MAX_CHARS = 2_000
+# The regex module unrolls counted repeats when it compiles ((?:a{1000}){1000}: a second and 600 MB
+# before any search), so the product of the counts' minimums is capped first.
+DISCARD_MAX_REPEAT = 10_000
+
+
+def _discard_pattern(pattern: str):
+    """``discarded(key)`` for the keys to drop, or None. Compiled by the ``regex`` module (the
+    syntax of ``re``, which the built-in uses, plus a timeout); each search gets what is left of
+    DISCARD_SECONDS and releases the GIL, so other requests run meanwhile."""
+    if not pattern:
         return None
+    if not isinstance(pattern, str):
+        raise RequestError(f"discard_weights: expected a regular expression, got {type(pattern).__name__}")
+    if len(pattern) > DISCARD_MAX_CHARS:
+        raise RequestError(f"discard_weights: the pattern is over {DISCARD_MAX_CHARS:,} characters")
+    repeats = 1
+    for low in re.findall(r"\{(\d*)(?:,\d*)?\}", pattern):
+        repeats *= max(1, int(low[:7] or 0))  # 7 digits are already past the cap
+        if repeats > DISCARD_MAX_REPEAT:
+            raise RequestError(f"discard_weights: counted repeats {{n}} multiply to over {DISCARD_MAX_REPEAT:,}")
     try:
-        return re.compile(regex)
-    except re.error as err:
-        raise RequestError(f"discard_weights: invalid regular expression {regex!r} ({err})") from None
+        import regex
+    except ImportError:
+        raise RequestError("discard_weights: needs the regex package (pip install regex)") from None
+    try:
+        compiled = regex.compile(pattern)
+    except (regex.error, ValueError, OverflowError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else err
+        raise RequestError(f"discard_weights: invalid regular expression {pattern[:60]!r} ({reason})") from None
+    import time
+
+    deadline = time.monotonic() + DISCARD_SECONDS
+
+    def discarded(key: str) -> bool:
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            return compiled.search(key, concurrent=True, timeout=left) is not None
+        except TimeoutError:
+            raise RequestError(
+                f"discard_weights: the pattern took too long on key {key[:100]} (over {DISCARD_SECONDS:g} s); "
+                "simplify it"
+            ) from None
+
+    return discarded
 
 
 def _vae_keys(vae: CheckpointReader | None) -> dict[str, str]:

@@ -18,14 +18,26 @@ serialised ``MergeRequest``: the tree plus the request's output fields, under th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RequestError
+from .errors import RequestError, shown
 from .methods import get_method
+
+# Work per recipe is bounded (DESIGN 3b): recipes come from whoever reaches the tab or the API.
+# Real recipes are a few KB, a few hundred values, a handful of levels; these leave room for large
+# soups and greedy-soup paths while a hostile one is refused in well under a second.
+MAX_RECIPE_BYTES = 1_000_000  # the text (YAML or JSON) of one recipe
+MAX_RECIPE_DEPTH = 64  # nested mappings and lists in one recipe document
+MAX_RECIPE_NODES = 20_000  # values in one document: scalars, keys and collections
+MAX_TREE_DEPTH = 16  # method nodes nested inside each other in one merge tree
+# PyYAML without libyaml reads ~10,000 values a second, holding the GIL: YAML is kept short then.
+MAX_PURE_PYTHON_YAML_CHARS = 20_000
 
 VERSION = 1
 # The request fields a recipe carries (the rest say where and how to run it, not what to make).
@@ -110,12 +122,20 @@ class MergeNode:
 
 
 def node_from_dict(data, where: str = "merge") -> MergeNode:
-    """A tree from its dict form; a RequestError names the field at fault."""
+    """A tree from its dict form; a RequestError names the field at fault. The dict is bounded
+    first (size, depth, no self-reference), then the tree (MAX_TREE_DEPTH levels of methods)."""
+    check_document(data, where)
+    return _node_from_dict(data, where, 1)
+
+
+def _node_from_dict(data, where: str, depth: int) -> MergeNode:
+    if depth > MAX_TREE_DEPTH:
+        raise RequestError(f"{where}: the merge tree is nested deeper than {MAX_TREE_DEPTH} levels of methods")
     if not isinstance(data, dict):
-        raise RequestError(f"{where}: expected a mapping with method and models, got {data!r}")
-    unknown = sorted(set(data) - {"method", "models", "params", "blocks"})
+        raise RequestError(f"{where}: expected a mapping with method and models, got {shown(data)}")
+    unknown = _unknown(data, {"method", "models", "params", "blocks"})
     if unknown:
-        raise RequestError(f"{where}.{unknown[0]}: unknown field (a node has method, models, params, blocks)")
+        raise RequestError(f"{where}.{unknown}: unknown field (a node has method, models, params, blocks)")
     if "method" not in data:
         raise RequestError(f"{where}.method: missing")
     models = data.get("models")
@@ -124,9 +144,15 @@ def node_from_dict(data, where: str = "merge") -> MergeNode:
     for name in ("params", "blocks"):
         if not isinstance(data.get(name, {}), dict):
             raise RequestError(f"{where}.{name}: expected a mapping")
-    inputs = tuple(_input_from_dict(item, f"{where}.models[{i}]") for i, item in enumerate(models))
+    inputs = tuple(_input_from_dict(item, f"{where}.models[{i}]", depth) for i, item in enumerate(models))
     blocks = {str(k): _block_text(v) for k, v in data.get("blocks", {}).items()}
     return MergeNode(str(data["method"]), inputs, dict(data.get("params", {})), blocks)
+
+
+def _unknown(data: dict, known) -> str | None:
+    """The first key of ``data`` not in ``known``, as short text (keys may be any YAML scalar)."""
+    unknown = sorted(str(key)[:60] for key in data if key not in known)
+    return unknown[0] if unknown else None
 
 
 def _input_to_dict(item: ModelRef | MergeNode):
@@ -135,15 +161,15 @@ def _input_to_dict(item: ModelRef | MergeNode):
     return {"model": item.name, "sha256": item.sha256} if item.sha256 else item.name
 
 
-def _input_from_dict(item, where: str) -> ModelRef | MergeNode:
+def _input_from_dict(item, where: str, depth: int) -> ModelRef | MergeNode:
     if isinstance(item, str):
         return ModelRef(item)
     if isinstance(item, dict) and "model" in item:
-        unknown = sorted(set(item) - {"model", "sha256"})
+        unknown = _unknown(item, {"model", "sha256"})
         if unknown:
-            raise RequestError(f"{where}.{unknown[0]}: unknown field (a model has model and sha256)")
+            raise RequestError(f"{where}.{unknown}: unknown field (a model has model and sha256)")
         return ModelRef(str(item["model"]), item.get("sha256") or None)
-    return node_from_dict(item, where)
+    return _node_from_dict(item, where, depth + 1)
 
 
 def _block_text(value) -> str:
@@ -166,10 +192,11 @@ def check_provenance(provenance, where: str = "provenance") -> None:
     if provenance is None:
         return
     if not isinstance(provenance, dict):
-        raise RequestError(f"{where}: expected a mapping like {{'greedy_soup': {{...}}}}, got {provenance!r}")
+        raise RequestError(f"{where}: expected a mapping like {{'greedy_soup': {{...}}}}, got {shown(provenance)}")
+    check_document(provenance, where)
     for key, value in provenance.items():
         if key not in PROVENANCE_KEYS:
-            raise RequestError(f"{where}.{key}: unknown (known: {', '.join(PROVENANCE_KEYS)})")
+            raise RequestError(f"{where}.{str(key)[:60]}: unknown (known: {', '.join(PROVENANCE_KEYS)})")
         if not isinstance(value, dict):
             raise RequestError(f"{where}.{key}: expected a mapping, got {type(value).__name__}")
 
@@ -187,17 +214,18 @@ def request_from_recipe(data, **run_options):
 
     if not isinstance(data, dict) or "merge" not in data:
         raise RequestError("recipe: expected a mapping with a 'merge' node (and optionally 'output')")
+    check_document(data, "recipe")  # an API body arrives parsed: bounded here, not by parse_recipe
     version = data.get("merge_lab_recipe", VERSION)
     if version != VERSION:
-        raise RequestError(f"recipe.merge_lab_recipe: version {version!r} is not supported (this is {VERSION})")
+        raise RequestError(f"recipe.merge_lab_recipe: version {shown(version)} is not supported (this is {VERSION})")
     tree = node_from_dict(data["merge"])
     tree.validate()
     output = data.get("output") or {}
     if not isinstance(output, dict):
         raise RequestError("recipe.output: expected a mapping")
-    unknown = sorted(set(output) - set(OUTPUT_FIELDS))
+    unknown = _unknown(output, OUTPUT_FIELDS)
     if unknown:
-        raise RequestError(f"recipe.output.{unknown[0]}: unknown field (known: {', '.join(OUTPUT_FIELDS)})")
+        raise RequestError(f"recipe.output.{unknown}: unknown field (known: {', '.join(OUTPUT_FIELDS)})")
     first = next(tree.models()).name
     provenance = {key: data[key] for key in PROVENANCE_KEYS if key in data}
     check_provenance(provenance, "recipe")
@@ -207,26 +235,139 @@ def request_from_recipe(data, **run_options):
 def load_recipe(path: Path) -> dict:
     """A recipe file, YAML (.yaml, .yml) or JSON, as a dict; errors name the file."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            data = file.read(MAX_RECIPE_BYTES + 1)  # bounded even for a FIFO or /dev/zero
     except OSError as err:
         raise RequestError(f"{path}: cannot read the recipe ({err.strerror})") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RequestError(f"{path}: the recipe is over {MAX_RECIPE_BYTES:,} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(f"{path}: the recipe is not UTF-8 text") from None
     return parse_recipe(text, str(path))
 
 
 def parse_recipe(text: str, source: str = "recipe") -> dict:
-    """A recipe from YAML or JSON text (JSON is YAML, but PyYAML may be missing outside the webui)."""
+    """A recipe from YAML or JSON text (JSON is YAML, but PyYAML may be missing outside the webui).
+
+    Bounded before anything is built: size, depth and value count; YAML anchors and aliases are
+    refused (they make a 1 KB text expand to gigabytes, or refer to themselves). Error messages
+    give a line and column, never the text itself.
+    """
+    if not isinstance(text, str):
+        raise RequestError(f"{source}: expected the recipe as text, got {type(text).__name__}")
+    if len(text) > MAX_RECIPE_BYTES or len(text.encode("utf-8", "replace")) > MAX_RECIPE_BYTES:
+        raise RequestError(f"{source}: the recipe is over {MAX_RECIPE_BYTES:,} bytes")
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError:
-        pass
+        data = _parse_yaml(text, source)
+    except RecursionError:
+        raise RequestError(f"{source}: nested deeper than {MAX_RECIPE_DEPTH} levels") from None
+    except ValueError:  # Python refuses integers of over 4300 digits
+        raise RequestError(f"{source}: a number has too many digits") from None
+    check_document(data, source)
+    return data
+
+
+def _parse_yaml(text: str, source: str):
     try:
         import yaml
     except ImportError:
         raise RequestError(f"{source}: not JSON, and PyYAML is not installed to read YAML") from None
+    # libyaml where PyYAML has it (its wheels do): the same documents, ten times faster.
+    loader = getattr(yaml, "CSafeLoader", None)
+    if loader is None:
+        if len(text) > MAX_PURE_PYTHON_YAML_CHARS:
+            raise RequestError(
+                f"{source}: YAML over {MAX_PURE_PYTHON_YAML_CHARS:,} characters needs PyYAML with libyaml; send JSON"
+            )
+        loader = yaml.SafeLoader
     try:
-        return yaml.safe_load(text)
+        _check_yaml_events(yaml, yaml.parse(text, Loader=loader), source)
+        return yaml.load(text, Loader=loader)
     except yaml.YAMLError as err:
-        raise RequestError(f"{source}: not valid YAML or JSON ({err})") from None
+        raise RequestError(f"{source}: not valid YAML or JSON{_where(err)}") from None
+    except ValueError:  # a number of over 4300 digits, a date like 2024-13-45
+        raise RequestError(f"{source}: a value could not be read (too many digits, or a bad date)") from None
+
+
+def _check_yaml_events(yaml, events, source: str) -> None:
+    """Refuse anchors and aliases, and documents too deep or too large, from the parser's events:
+    nothing is built yet, and the scan stops at the first event over a limit."""
+    depth = nodes = 0
+    for event in events:
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise RequestError(f"{source}: YAML anchors and aliases (&name, *name) are not allowed; write values out")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                raise RequestError(f"{source}: nested deeper than {MAX_RECIPE_DEPTH} levels")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        if isinstance(event, (yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            nodes += 1
+            if nodes > MAX_RECIPE_NODES:
+                raise RequestError(f"{source}: more than {MAX_RECIPE_NODES:,} values")
+
+
+def _where(err) -> str:
+    """' (line L, column C: problem)' of a YAML error, without the snippet of text PyYAML adds;
+    quoted parts of the problem (a character, a tag from the text) are left out too."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return ""
+    problem = re.sub(r"'[^']*'|\"[^\"]*\"", "...", str(getattr(err, "problem", None) or "a syntax error"))
+    return f" (line {mark.line + 1}, column {mark.column + 1}: {problem[:200]})"
+
+
+def check_document(data, where: str = "recipe") -> None:
+    """A parsed recipe (or part) within MAX_RECIPE_DEPTH and MAX_RECIPE_NODES, containing no
+    mapping or list inside itself; else a RequestError. For dicts built in Python or by the API."""
+    count = 0
+    path: set[int] = set()  # the collections we are inside, by id: one seen again contains itself
+
+    def visit(value, depth: int) -> None:
+        nonlocal count
+        count += 1
+        if count > MAX_RECIPE_NODES:
+            raise RequestError(f"{where}: more than {MAX_RECIPE_NODES:,} values")
+        if not isinstance(value, (dict, list, tuple)):
+            return
+        if id(value) in path:
+            raise RequestError(f"{where}: refers to itself (a mapping or list contains itself)")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RequestError(f"{where}: nested deeper than {MAX_RECIPE_DEPTH} levels")
+        path.add(id(value))
+        for item in (x for pair in value.items() for x in pair) if isinstance(value, dict) else value:
+            visit(item, depth + 1)
+        path.discard(id(value))
+
+    visit(data, 1)
+
+
+def check_tree_depth(node: MergeNode, where: str = "tree") -> None:
+    """A tree built in Python within MAX_TREE_DEPTH levels (the engine walks trees recursively)."""
+    level, depth = [node], 1
+    while level:
+        if depth > MAX_TREE_DEPTH:
+            raise RequestError(f"{where}: the merge tree is nested deeper than {MAX_TREE_DEPTH} levels of methods")
+        level = [item for parent in level for item in parent.inputs if isinstance(item, MergeNode)]
+        depth += 1
+
+
+@functools.cache
+def _dumper():
+    import yaml
+
+    class NoAliases(yaml.SafeDumper):
+        """Writes a value used twice out twice: recipes with anchors are refused when read back."""
+
+        def ignore_aliases(self, data) -> bool:
+            return True
+
+    return NoAliases
 
 
 def dump_recipe(data: dict, path: Path | None = None) -> str:
@@ -236,7 +377,7 @@ def dump_recipe(data: dict, path: Path | None = None) -> str:
         try:
             import yaml
 
-            return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+            return yaml.dump(data, Dumper=_dumper(), sort_keys=False, allow_unicode=True)
         except ImportError:
             if path is not None:
                 raise RequestError(f"{path}: PyYAML is not installed; save the recipe as .json") from None

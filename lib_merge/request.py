@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
-from .errors import RequestError
-from .recipe import MergeNode, ModelRef, check_provenance
+from .errors import RequestError, shown
+from .recipe import MergeNode, ModelRef, check_provenance, check_tree_depth
 
 CONFIG_SOURCES = ("A, B or C", "B", "C", "Don't")
 FORMATS = ("safetensors", "ckpt")
 NO_VAE = ("", "None")
+# What a request may name; torch would take "meta" or "cuda:x" only to fail deep in the merge.
+DEVICES = re.compile(r"|auto|cpu|cuda(:[0-9]{1,3})?|mps")
+# The user's metadata is stored in the output's header, which readers refuse past 100 MB; a real
+# one is a few KB (a description, a license, trigger words).
+MAX_METADATA_JSON = 1_000_000  # characters
 
 
 @dataclass(frozen=True)
@@ -46,17 +52,27 @@ class MergeRequest:
 
     def __post_init__(self):
         check_provenance(self.provenance)
+        if self.tree is not None:
+            check_tree_depth(self.tree)
+        if not isinstance(self.device, str) or not DEVICES.fullmatch(self.device):
+            raise RequestError(f"device: unknown device {shown(self.device)} (auto, cpu, cuda, cuda:N or mps)")
+        if not isinstance(self.metadata_json, (str, type(None))):
+            raise RequestError(f"metadata_json: expected JSON text, got {type(self.metadata_json).__name__}")
+        if len(self.metadata_json or "") > MAX_METADATA_JSON:
+            raise RequestError(f"metadata_json: over {MAX_METADATA_JSON:,} characters; keep the metadata short")
         source = self.config_source
         if isinstance(source, str) and source in CONFIG_SOURCES:
             object.__setattr__(self, "config_source", CONFIG_SOURCES.index(source))
         elif not (isinstance(source, int) and 0 <= source < len(CONFIG_SOURCES)):
-            raise RequestError(f"config_source: expected 0-3 or one of {CONFIG_SOURCES}, got {source!r}")
+            raise RequestError(f"config_source: expected 0-3 or one of {CONFIG_SOURCES}, got {shown(source)}")
         if self.checkpoint_format not in FORMATS:
-            raise RequestError(f"checkpoint_format: expected one of {FORMATS}, got {self.checkpoint_format!r}")
+            raise RequestError(f"checkpoint_format: expected one of {FORMATS}, got {shown(self.checkpoint_format)}")
         try:
             object.__setattr__(self, "multiplier", float(self.multiplier))
         except (TypeError, ValueError):
-            raise RequestError(f"multiplier: expected a number, got {self.multiplier!r}") from None
+            raise RequestError(f"multiplier: expected a number, got {shown(self.multiplier)}") from None
+        except OverflowError:  # an integer past 1.8e308, e.g. JSON's 1 followed by 400 zeros
+            raise RequestError(f"multiplier: {shown(self.multiplier)} is outside the range of a float") from None
         if self.multiplier != self.multiplier or abs(self.multiplier) == float("inf"):
             raise RequestError(f"multiplier: expected a finite number, got {self.multiplier!r}")
 

@@ -1,4 +1,4 @@
-"""install.py, the webui's install hook: quick, idempotent, installs only an old or missing safetensors.
+"""install.py, the webui's install hook: quick, idempotent, installs only an old or missing safetensors or regex.
 
 Where it would install, the webui's ``launch`` module is replaced by a recorder (the webui is not
 installable here); where it must not, it runs for real in a subprocess that has no ``launch`` at all.
@@ -23,7 +23,7 @@ def test_with_a_recent_safetensors_it_does_nothing_and_needs_no_webui():
 
 
 @pytest.mark.parametrize("found", [None, (0, 3, 3)])
-def test_a_missing_or_old_safetensors_is_installed_through_the_webuis_pip(monkeypatch, found):
+def test_missing_or_old_packages_are_installed_through_the_webuis_pip(monkeypatch, found):
     calls = []
     launch = type(sys)("launch")
     launch.run_pip = lambda command, desc=None: calls.append(command)
@@ -31,7 +31,7 @@ def test_a_missing_or_old_safetensors_is_installed_through_the_webuis_pip(monkey
     hook = runpy.run_path(str(INSTALL))
     monkeypatch.setitem(hook["main"].__globals__, "installed_version", lambda package: found)
     hook["main"]()
-    assert calls == ['install "safetensors>=0.4"']
+    assert calls == ['install "safetensors>=0.4" "regex>=2019.3.12"']
 
 
 def test_versions_are_read_as_numbers():

@@ -115,9 +115,10 @@ def test_metadata_carries_format_recipe_and_merge_models(host, models):
                 "save_metadata": True,
                 "add_merge_recipe": True,
                 "copy_metadata_fields": True,
-                "metadata_json": '{"author": "me", "n": 3}',
             },
         },
+        # stored once, as the file's own fields: the recipe names them (replay reads them back)
+        "metadata_fields": ["author", "n"],
     }
     models_field = json.loads(metadata["sd_merge_models"])
     assert models_field[sha_a]["name"] == "parent.safetensors"

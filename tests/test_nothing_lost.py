@@ -213,9 +213,10 @@ def test_out_of_device_memory_falls_back_to_the_cpu(host, models, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
 
     monkeypatch.setattr(engine_module._Compute, "_on_device", out_of_memory)
+    monkeypatch.setattr(host, "device", lambda: "meta")  # the host's device: a request may name only real ones
     notes = []
     result = merge(
-        MergeRequest("a.safetensors", "b.safetensors", device="meta", custom_name="gpu"),
+        MergeRequest("a.safetensors", "b.safetensors", custom_name="gpu"),
         host,
         progress=lambda e: e.note and notes.append(e.note),
     )

@@ -64,11 +64,25 @@ def _short(stem: str) -> str:
     return stem if len(stem) <= LONGEST_NAME else stem[: LONGEST_NAME - 3].rstrip(", ") + "..."
 
 
-def merge_recipe(request: MergeRequest, tree: MergeNode, inputs: list[InputCheckpoint], variant: str | None) -> dict:
+def merge_recipe(
+    request: MergeRequest,
+    tree: MergeNode,
+    inputs: list[InputCheckpoint],
+    variant: str | None,
+    user_fields: list[str] | None = None,
+) -> dict:
     """The built-in's ``sd_merge_recipe`` fields, with ``type`` naming this project, and Merge Lab's
-    whole recipe (tree and output fields) under ``merge_lab_recipe``, from which it replays."""
+    whole recipe (tree and output fields) under ``merge_lab_recipe``, from which it replays.
+
+    The user's metadata is stored once, as the file's own fields: the recipe keeps only their names
+    (``metadata_fields``), and replay reads the values back from the file (cli_recipes.recipe_of).
+    """
     hashes = [i.sha256 for i in inputs] + [None] * (3 - len(inputs))
     builtin_fields = request.tree is None
+    recipe = recipe_dict(request, tree)
+    recipe["output"] = {name: value for name, value in recipe["output"].items() if name != "metadata_json"}
+    if user_fields is None:
+        user_fields = list(user_metadata(request.metadata_json))
     return {
         "type": RECIPE_TYPE,
         "primary_model_hash": hashes[0],
@@ -83,18 +97,31 @@ def merge_recipe(request: MergeRequest, tree: MergeNode, inputs: list[InputCheck
         "discard_weights": request.discard_weights,
         "is_inpainting": variant == "inpainting",
         "is_instruct_pix2pix": variant == "instruct-pix2pix",
-        "merge_lab_recipe": recipe_dict(request, tree),
+        "merge_lab_recipe": recipe,
+        "metadata_fields": user_fields,
     }
 
 
 def user_metadata(metadata_json: str) -> dict[str, str]:
-    """The user's JSON object; refused when invalid (the built-in silently drops it)."""
-    if not metadata_json or not metadata_json.strip():
+    """The user's JSON object; refused when invalid (the built-in silently drops it) or too large."""
+    from ..request import MAX_METADATA_JSON
+
+    if not metadata_json:
+        return {}
+    if not isinstance(metadata_json, str):
+        raise RequestError(f"metadata_json: expected JSON text, got {type(metadata_json).__name__}")
+    if len(metadata_json) > MAX_METADATA_JSON:
+        raise RequestError(f"metadata_json: over {MAX_METADATA_JSON:,} characters; keep the metadata short")
+    if not metadata_json.strip():
         return {}
     try:
         parsed = json.loads(metadata_json)
     except json.JSONDecodeError as err:
         raise RequestError(f"metadata_json: not valid JSON ({err})") from None
+    except RecursionError:
+        raise RequestError("metadata_json: nested too deeply") from None
+    except ValueError:  # Python refuses integers of over 4300 digits
+        raise RequestError("metadata_json: a number has too many digits") from None
     if not isinstance(parsed, dict):
         raise RequestError("metadata_json: expected a JSON object of fields")
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in parsed.items()}
@@ -110,7 +137,8 @@ def build_metadata(
     if request.copy_metadata_fields:
         for item in inputs:
             metadata.update(item.metadata)
-    metadata.update(user_metadata(request.metadata_json))
+    users = user_metadata(request.metadata_json)
+    metadata.update(users)
     metadata["format"] = "pt"
     if request.add_merge_recipe:
         models: dict = {}
@@ -121,7 +149,7 @@ def build_metadata(
                 "sd_merge_recipe": _json_field(item.metadata, "sd_merge_recipe"),
             }
             models.update(_json_field(item.metadata, "sd_merge_models") or {})
-        metadata["sd_merge_recipe"] = json.dumps(merge_recipe(request, tree, inputs, variant))
+        metadata["sd_merge_recipe"] = json.dumps(merge_recipe(request, tree, inputs, variant, list(users)))
         metadata["sd_merge_models"] = json.dumps(models)
     return metadata
 

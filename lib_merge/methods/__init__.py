@@ -13,7 +13,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import RequestError
+from ..errors import RequestError, shown
 
 FLOAT, INT, BOOL, FLOATS = "float", "int", "bool", "floats"
 
@@ -59,18 +59,18 @@ class Param:
             if isinstance(value, str):
                 value = [part for part in value.replace(" ", "").split(",") if part]
             if not isinstance(value, (list, tuple)):
-                raise RequestError(f"{where}: expected a list of numbers, got {value!r}")
+                raise RequestError(f"{where}: expected a list of numbers, got {shown(value)}")
             return tuple(self._number(v, f"{where}[{i}]") for i, v in enumerate(value)) or None  # empty: default
         if self.kind == BOOL:
             if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 return value.lower() in ("1", "true", "yes", "on")
             if isinstance(value, bool) or value in (0, 1):
                 return bool(value)
-            raise RequestError(f"{where}: expected true or false, got {value!r}")
+            raise RequestError(f"{where}: expected true or false, got {shown(value)}")
         number = self._number(value, where)
         if self.kind == INT:
             if number != int(number):
-                raise RequestError(f"{where}: expected a whole number, got {value!r}")
+                raise RequestError(f"{where}: expected a whole number, got {shown(value)}")
             return int(number)
         return number
 
@@ -78,9 +78,11 @@ class Param:
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise RequestError(f"{where}: expected a number, got {value!r}") from None
+            raise RequestError(f"{where}: expected a number, got {shown(value)}") from None
+        except OverflowError:  # an integer past 1.8e308, e.g. JSON's 1 followed by 400 zeros
+            raise RequestError(f"{where}: {shown(value)} is outside the range of a float (±1.8e308)") from None
         if isinstance(value, bool) or not math.isfinite(number):
-            raise RequestError(f"{where}: expected a finite number, got {value!r}")
+            raise RequestError(f"{where}: expected a finite number, got {shown(value)}")
         too_low = self.low is not None and (number < self.low or (self.low_open and number == self.low))
         too_high = self.high is not None and (number > self.high or (self.high_open and number == self.high))
         if too_low or too_high:
