@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from . import arch, loop, merge
-from .errors import MergeError, RequestError
+from .errors import MergeError, RequestError, brief
 from .host import AppHost
 from .io.readers import open_checkpoint
 from .plan import make_plan
@@ -82,6 +82,9 @@ def preflight_report(host: AppHost, request: MergeRequest) -> tuple[bool, str]:
         plan = make_plan(request, host, hash_inputs=False)
     except MergeError as err:
         return False, f"Refused: {err}"
+    except Exception as err:  # shown in the tab as it is typed: one line, never a traceback; the log keeps it
+        log.exception("Merge Lab: preflight failed")
+        return False, f"Refused: could not be planned ({brief(err)})"
     try:
         return plan.ok, plan.report()
     finally:
@@ -94,9 +97,10 @@ def run_merge(
     *,
     load: bool,
     task_id: str = "",
+    owner: str = "",
     on_progress: Callable | None = None,
 ) -> MergeOutcome:
-    """Merge as one host job (progress, cancel, one job at a time), then load the result if asked."""
+    """Merge as one host job (progress, cancel by ``owner``, one job at a time), then load the result if asked."""
     started = time.perf_counter()
 
     def progress(update) -> None:
@@ -104,7 +108,7 @@ def run_merge(
         if on_progress is not None:
             on_progress(update)
 
-    with host.job(task_id):
+    with host.job(task_id, owner=owner):
         result = merge(request, host, progress=progress, should_stop=host.should_stop)
         title, loaded, notes = result.name, False, list(result.notes)
         if load and host.can_load:
@@ -112,7 +116,7 @@ def run_merge(
                 title, loaded = host.load(title), True
             except Exception as err:  # the merge is saved: say why it is not loaded, keep the log's traceback
                 log.exception("Merge Lab: loading %s failed", title)
-                notes.append(f"Saved, but not loaded: {type(err).__name__}: {err}")
+                notes.append(f"Saved, but not loaded: {brief(err)}")
     return MergeOutcome(title, result.path, result.sha256, loaded, time.perf_counter() - started, notes)
 
 
@@ -133,12 +137,12 @@ class TryOutcome:
         )
 
 
-def run_try(host: AppHost, request: MergeRequest, *, task_id: str = "") -> TryOutcome:
+def run_try(host: AppHost, request: MergeRequest, *, task_id: str = "", owner: str = "") -> TryOutcome:
     """Merge into the host's loaded model as one host job; a host without one refuses."""
     if not hasattr(host, "try_merge"):
         raise RequestError("Try merges into the webui's loaded model; here there is none (save the merge instead)")
     started = time.perf_counter()
-    with host.job(task_id):
+    with host.job(task_id, owner=owner):
         result = host.try_merge(request, progress=host.report, should_stop=host.should_stop)
     notes = [f"{len(result.missing)} merged keys are not in the loaded model"] if result.missing else []
     return TryOutcome(result.name, result.recipe_hash, result.recipe, time.perf_counter() - started, notes)
@@ -160,11 +164,11 @@ def family_of(host: AppHost, request: MergeRequest) -> str:
         return arch.family_of(reader.keys())
 
 
-def run_sweep(host, request: MergeRequest, x, y, settings, *, task_id: str = "", on_cell=None):
+def run_sweep(host, request: MergeRequest, x, y, settings, *, task_id: str = "", owner: str = "", on_cell=None):
     """A sweep in the host's loaded model (lib_merge.loop.run_sweep); a host without one refuses."""
     if not hasattr(host, "generate"):
         raise RequestError("Sweeps merge into the webui's loaded model and generate with it; here there is none")
-    return loop.run_sweep(host, request, x, y, settings, task_id=task_id, on_cell=on_cell)
+    return loop.run_sweep(host, request, x, y, settings, task_id=task_id, owner=owner, on_cell=on_cell)
 
 
 def read_metadata(host: AppHost, names: list[str]) -> str:

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import secrets
+import logging
 import typing
+import uuid
+from collections.abc import Callable
 from typing import Any, Union
 
-from fastapi import Depends, FastAPI, HTTPException
-from fastapi.security import HTTPBasic, HTTPBasicCredentials
+from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import create_model
 
 from . import actions, arch
-from .errors import CancelledError, IncompatibleModelsError, MergeError, OutputError, RequestError
+from .auth import Credentials, check_basic_auth
+from .errors import CancelledError, IncompatibleModelsError, MergeError, OutputError, RequestError, brief
 from .host import AppHost
 from .io.readers import open_checkpoint
 from .loop import ImageSettings
@@ -26,6 +28,7 @@ from .request import MergeRequest
 
 PREFIX = "/merge-lab/v1"
 STATUS = {RequestError: 422, IncompatibleModelsError: 409, OutputError: 409, CancelledError: 409}
+log = logging.getLogger("merge_lab")
 
 
 def _body_model():
@@ -35,6 +38,9 @@ def _body_model():
     fields: dict[str, Any] = {"id_task": (str, "")}
     for name in actions.WEBUI_FIELDS + actions.EXTRA_FIELDS:
         kind = Union[int, str] if name == "config_source" else hints[name]  # index or label  # noqa: UP007
+        kind = (
+            Any if kind is float else kind
+        )  # MergeRequest checks it: pydantic's float() of a 400-digit number is a 500
         default = defaults[name]
         fields[name] = (kind, ... if default is dataclasses.MISSING else default)
     fields["load"] = (bool, False)
@@ -56,27 +62,36 @@ def _sweep_body_model():
         "y_values": (str, ""),
     }
     for field in dataclasses.fields(ImageSettings):
-        fields[field.name] = (type(field.default), field.default)
+        kind = type(field.default)
+        fields[field.name] = (Any if kind is float else kind, field.default)  # checked by ImageSettings
     return create_model("SweepBody", __base__=MergeBody, **fields)
 
 
 SweepBody = _sweep_body_model()
+CancelBody = create_model("CancelBody", id_task=(str, ...))
 
 
-def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None = None) -> None:
-    """Add the routes to ``app``; with ``credentials`` (user -> password) they need HTTP basic auth."""
+def add_routes(app: FastAPI, host: AppHost, credentials: Credentials | None = None) -> None:
+    """Add the routes to ``app``; with ``credentials`` (user -> password) they need HTTP basic auth.
+
+    Every job is owned by its ``id_task`` (the client's, or one made here and returned): only a
+    cancel naming it stops it, so one client cannot cancel another's merge.
+    """
     dependencies = [Depends(_basic_auth(credentials))] if credentials else []
     methods = ", ".join(m.label for m in METHODS.values())
 
     async def merge(body: MergeBody):  # type: ignore[valid-type]
         fields = _fields(body)
-        try:
+        owner = _owner(fields)
+
+        def run():
             request, load = actions.request_from_fields(fields)
-            # The merge holds the host's job slot for its whole run: keep the event loop free.
-            outcome = await asyncio.to_thread(actions.run_merge, host, request, load=load, task_id=fields["id_task"])
-        except MergeError as err:
-            raise HTTPException(status_code=_status(err), detail=str(err)) from None
+            return actions.run_merge(host, request, load=load, task_id=owner, owner=owner)
+
+        # The merge holds the host's job slot for its whole run: keep the event loop free.
+        outcome = await _answer(run)
         return {
+            "id_task": owner,
             "path": str(outcome.path),
             "title": outcome.title,
             "sha256": outcome.sha256,
@@ -87,12 +102,15 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
 
     async def try_in_model(body: MergeBody):  # type: ignore[valid-type]
         fields = _fields(body)
-        try:
+        owner = _owner(fields)
+
+        def run():
             request, _ = actions.request_from_fields(fields)
-            outcome = await asyncio.to_thread(actions.run_try, host, request, task_id=fields["id_task"])
-        except MergeError as err:
-            raise HTTPException(status_code=_status(err), detail=str(err)) from None
+            return actions.run_try(host, request, task_id=owner, owner=owner)
+
+        outcome = await _answer(run)
         return {
+            "id_task": owner,
             "name": outcome.name,
             "recipe_hash": outcome.recipe_hash,
             "recipe": outcome.recipe,
@@ -102,17 +120,18 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
 
     async def sweep(body: SweepBody):  # type: ignore[valid-type]
         fields = _fields(body)
+        owner = _owner(fields)
         settings = ImageSettings(**{f.name: fields.pop(f.name) for f in dataclasses.fields(ImageSettings)})
         axes = [(fields.pop(f"{axis}_param"), fields.pop(f"{axis}_values")) for axis in ("x", "y")]
-        try:
+
+        def run():
             request, _ = actions.request_from_fields(fields)
             x, y = actions.sweep_axes(host, request, axes[0], axes[1])
-            outcome = await asyncio.to_thread(
-                actions.run_sweep, host, request, x, y, settings, task_id=fields["id_task"]
-            )
-        except MergeError as err:
-            raise HTTPException(status_code=_status(err), detail=str(err)) from None
+            return actions.run_sweep(host, request, x, y, settings, task_id=owner, owner=owner)
+
+        outcome = await _answer(run)
         return {
+            "id_task": owner,
             "grid": str(outcome.grid_path) if outcome.grid_path else None,
             "seed": outcome.seed,
             "cancelled": outcome.cancelled,
@@ -130,6 +149,10 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
             ],
         }
 
+    def cancel(body: CancelBody):  # type: ignore[valid-type]
+        """Stop the running merge, try or sweep whose id_task this is (given in its request, or returned by it)."""
+        return {"cancelled": host.interrupt(_fields(body)["id_task"])}
+
     sweep.__doc__ = (
         "Merge into the loaded model at each value of one parameter (and of a second one), generate an "
         "image at each with the same seed, and save the annotated grid where the webui saves grids."
@@ -140,13 +163,32 @@ def add_routes(app: FastAPI, host: AppHost, credentials: dict[str, str] | None =
     )
     merge.__doc__ = (
         f"Merge checkpoints like the built-in run_modelmerger (interp_method: {methods}), "
-        "or what a recipe describes (the `recipe` field; see GET /merge-lab/v1/methods)."
+        "or what a recipe describes (the `recipe` field; see GET /merge-lab/v1/methods). "
+        "Give an unguessable id_task (a UUID) to be able to cancel it with POST /merge-lab/v1/cancel."
     )
     app.add_api_route(f"{PREFIX}/merge", merge, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/try", try_in_model, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/sweep", sweep, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/cancel", cancel, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/methods", method_listing, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/models", lambda: _models(host), methods=["GET"], dependencies=dependencies)
+
+
+async def _answer(run: Callable):
+    """``run()`` on a worker thread; a MergeError is its 4xx, anything else a one-line 400 (logged
+    whole): no input gets a 500 or a stack trace back."""
+    try:
+        return await asyncio.to_thread(run)
+    except MergeError as err:
+        raise HTTPException(status_code=_status(err), detail=str(err)) from None
+    except Exception as err:
+        log.exception("Merge Lab: API request failed")
+        raise HTTPException(status_code=400, detail=f"could not be done: {brief(err)}") from None
+
+
+def _owner(fields: dict) -> str:
+    """The job's id: the client's ``id_task``, or an unguessable one made here."""
+    return fields.get("id_task") or f"merge-lab-{uuid.uuid4().hex}"
 
 
 def method_listing() -> list[dict]:
@@ -176,7 +218,8 @@ def method_listing() -> list[dict]:
 
 
 def _models(host: AppHost) -> list[dict]:
-    """Every checkpoint the host lists, with its architecture read from the file's header."""
+    """Every checkpoint the host lists, with its architecture read from the file's header; an
+    unreadable one is listed with its one-line reason, so one bad file never hides the others."""
     listed = []
     for name in host.checkpoints():
         entry = {"name": name, "path": "", "architecture": "unreadable"}
@@ -187,6 +230,8 @@ def _models(host: AppHost) -> list[dict]:
                 entry["architecture"] = arch.describe_reader(reader)
         except MergeError as err:
             entry["error"] = str(err)
+        except Exception as err:  # RecursionError, MemoryError ... from a crafted file: that file's problem only
+            entry["error"] = f"{name}: unreadable ({brief(err)})"
         listed.append(entry)
     return listed
 
@@ -200,10 +245,9 @@ def _status(err: MergeError) -> int:
     return next((code for kind, code in STATUS.items() if isinstance(err, kind)), 400)
 
 
-def _basic_auth(credentials: dict[str, str]):
-    def check(given: HTTPBasicCredentials = Depends(HTTPBasic())) -> None:  # noqa: B008 (FastAPI's idiom)
-        expected = credentials.get(given.username)
-        if expected is None or not secrets.compare_digest(given.password, expected):
+def _basic_auth(credentials: Credentials):
+    def check(request: Request) -> None:
+        if not check_basic_auth(request.headers.get("authorization"), credentials):
             raise HTTPException(401, "Incorrect username or password", headers={"WWW-Authenticate": "Basic"})
 
     return check

@@ -1,17 +1,24 @@
 """Standalone Merge Lab: the webui's tab and API over a folder of checkpoints, with plain gradio.
 
-python -m lib_merge.app --models DIR [--port N]
+python -m lib_merge.app --models DIR [--port N] [--listen ADDRESS --auth USER:PASS | --auth-file FILE]
 python -m lib_merge.app --demo [--port N]      # small SD1.5-layout checkpoints A, B, C in a temp folder
+
+Whoever reaches the app can merge in its folders, so it serves this machine only unless given
+credentials: ``--listen`` on any other address without ``--auth`` / ``--auth-file`` refuses to start.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import sys
 import tempfile
 from pathlib import Path
 
+from .auth import BasicAuthMiddleware, Credentials, parse_pair, read_auth_file
 from .host import FolderHost
+from .io.writer import remove_leftovers
 
 DEMO_MODELS = (("demo_a", 1), ("demo_b", 2), ("demo_c", 3))
 
@@ -24,14 +31,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-dir", type=Path, help="folder of VAEs that can be baked in")
     parser.add_argument("--port", type=int, default=7870)
     parser.add_argument("--listen", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    parser.add_argument("--auth", help="USER:PASSWORD that the page and every API route require (HTTP basic)")
+    parser.add_argument("--auth-file", type=Path, help="a file of USER:PASSWORD lines, one per user")
     args = parser.parse_args(argv)
+    try:
+        credentials = _credentials(args)
+    except ValueError as err:
+        parser.error(str(err))
+    if credentials is None and not is_loopback(args.listen):
+        parser.error(
+            f"--listen {args.listen}: anyone who reaches that address could merge, read and overwrite checkpoints "
+            "in your folders; add --auth USER:PASSWORD or --auth-file FILE (or serve on 127.0.0.1)"
+        )
     if args.demo:
         args.models = make_demo(Path(tempfile.mkdtemp(prefix="merge-lab-demo-")))
     if args.models is None or not args.models.is_dir():
         parser.error(f"--models: {args.models} is not a folder" if args.models else "give --models DIR or --demo")
     host = FolderHost(args.models, output_dir=args.output, vae_dir=args.vae_dir)
-    serve(host, args.listen, args.port)
+    remove_leftovers(host.output_dir())  # temp files of merges that were killed (kill -9, a power cut)
+    serve(host, args.listen, args.port, credentials)
     return 0
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: reachable from this machine only."""
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def _credentials(args) -> Credentials | None:
+    credentials: Credentials = {}
+    if args.auth:
+        credentials.update([parse_pair(args.auth, "--auth")])
+    if args.auth_file:
+        credentials.update(read_auth_file(args.auth_file))
+    return credentials or None
 
 
 def make_demo(folder: Path) -> Path:
@@ -44,8 +82,9 @@ def make_demo(folder: Path) -> Path:
     return folder
 
 
-def create_app(host: FolderHost):
-    """A FastAPI app serving the tab at / and the API under /merge-lab/v1."""
+def create_app(host: FolderHost, credentials: Credentials | None = None):
+    """A FastAPI app serving the tab at / and the API under /merge-lab/v1; with ``credentials``,
+    every request (page, API, websocket) needs them."""
     import gradio as gr
     from fastapi import FastAPI
 
@@ -54,17 +93,52 @@ def create_app(host: FolderHost):
 
     app = FastAPI(title="Merge Lab")
     add_routes(app, host)
-    return gr.mount_gradio_app(app, build_tab(host).queue(), path="/")
+    app = gr.mount_gradio_app(app, build_tab(host).queue(), path="/")
+    app.add_middleware(GradioFilesOnly)
+    if credentials:
+        app.add_middleware(BasicAuthMiddleware, credentials=credentials)
+    return app
 
 
-def serve(host: FolderHost, listen: str, port: int) -> None:
+class GradioFilesOnly:
+    """gradio 3 serves any file under the working folder at ``/file=PATH``; here it serves only
+    the files gradio itself made (uploads, downloads, images), which live in its temp folder."""
+
+    def __init__(self, app):
+        self.app = app
+        self.folders = [
+            Path(folder).resolve()
+            for folder in {os.environ.get("GRADIO_TEMP_DIR"), str(Path(tempfile.gettempdir()) / "gradio")}
+            if folder
+        ]
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith("/file=") and not self._allowed(path.removeprefix("/file=")):
+            await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"File not allowed."})
+            return
+        await self.app(scope, receive, send)
+
+    def _allowed(self, name: str) -> bool:
+        if name.startswith(("http://", "https://")):
+            return True  # gradio answers these with a redirect, reading nothing
+        try:
+            target = Path(name).resolve()
+        except (OSError, ValueError):
+            return False
+        return any(target.is_relative_to(folder) for folder in self.folders)
+
+
+def serve(host: FolderHost, listen: str, port: int, credentials: Credentials | None = None) -> None:
     import uvicorn
 
-    app = create_app(host)
+    app = create_app(host, credentials)
 
     @app.on_event("startup")
     def announce() -> None:
-        print(f"Merge Lab: http://{listen}:{port}/ serving {host.models_dir}", flush=True)
+        login = ", login required" if credentials else ""
+        print(f"Merge Lab: http://{listen}:{port}/ serving {host.models_dir}{login}", flush=True)
 
     uvicorn.run(app, host=listen, port=port, log_level="warning")
 

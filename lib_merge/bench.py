@@ -278,7 +278,8 @@ def _engine_output_size(job: dict) -> int:
     from . import FolderHost, make_plan
 
     plan = make_plan(
-        _request(job, Path(job["work"]) / "size.safetensors"), FolderHost(job["work"], hash_cache=_cache(job))
+        _request(job, Path(job["work"]) / "size.safetensors"),
+        FolderHost(job["work"], hash_cache=_cache(job), allow_paths=True),
     )
     try:
         return plan.output_bytes
@@ -289,7 +290,9 @@ def _engine_output_size(job: dict) -> int:
 def _engine(job: dict, output: Path) -> dict:
     from . import FolderHost, merge
 
-    result = merge(_request(job, output), FolderHost(job["work"], device=job["device"], hash_cache=_cache(job)))
+    result = merge(
+        _request(job, output), FolderHost(job["work"], device=job["device"], hash_cache=_cache(job), allow_paths=True)
+    )
     return {"timings": result.timings}
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import arch, cli_recipes
 from .engine import Progress
-from .errors import MergeError, RequestError
+from .errors import MergeError, RequestError, brief
 from .host import FolderHost
 from .io.metadata import BUILTIN_METHODS
 from .io.readers import open_checkpoint
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         _close(args.progress)
         if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"merge-lab: internal error: {type(err).__name__}: {err} (--debug shows more)", file=sys.stderr)
+        print(f"merge-lab: internal error: {brief(err)} (--debug shows more)", file=sys.stderr)
         return EXIT_INTERNAL
 
 
@@ -172,7 +172,9 @@ def _expand_globs(models: list[str]) -> list[str]:
 
 def run_merge(args) -> int:
     request = request_from_args(args)
-    host = FolderHost(args.output.parent if str(args.output.parent) else Path("."), device=args.device)
+    # The paths on the command line are the user's own: they may name files anywhere.
+    folder = args.output.parent if str(args.output.parent) else Path(".")
+    host = FolderHost(folder, device=args.device, allow_paths=True)
     return run_request(request, host, args)
 
 

@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import CancelledError, RequestError
+from .errors import CancelledError, RequestError, brief
 from .recipe import MergeNode, ModelRef
 
 ALGORITHM = "greedy_soup"
@@ -199,7 +199,7 @@ def _number(value, soup: tuple[str, ...], candidate: str) -> float:
     what = f"candidate {candidate!r}" if len(soup) == 1 else f"the soup {' + '.join(soup)} (adding {candidate!r})"
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise RequestError(f"scorer: expected a number for {what}, got {value!r}") from None
     if math.isnan(number):
         raise RequestError(f"scorer: NaN score for {what}")
@@ -218,8 +218,8 @@ def load_scorer(spec: str) -> Callable:
         raise RequestError(f"scorer: expected package.module:function, got {spec!r}")
     try:
         target = importlib.import_module(module_name)
-    except Exception as err:  # an import runs the module's code: any error is the scorer's
-        raise RequestError(f"scorer: cannot import module {module_name!r} ({type(err).__name__}: {err})") from None
+    except BaseException as err:  # an import runs the module's code: any error, sys.exit() too, is the scorer's
+        raise RequestError(f"scorer: cannot import module {module_name!r} ({brief(err)})") from None
     for part in attribute.split("."):
         if not hasattr(target, part):
             raise RequestError(f"scorer: {module_name} has no attribute {attribute!r}")

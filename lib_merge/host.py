@@ -19,7 +19,8 @@ from typing import Protocol
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, shown
+from .names import inside, shorten
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 _TITLE_HASH = re.compile(r"\s\[[0-9a-fA-F]{8,64}\]$")
@@ -66,6 +67,7 @@ class AppHost(Host, Protocol):
 
     can_load: bool
     load_by_default: bool
+    can_run_code: bool  # a request may name code to import (a greedy soup's scorer): see SECURITY.md
 
     def refresh(self) -> None:
         """Rescan the checkpoint and VAE folders."""
@@ -79,8 +81,9 @@ class AppHost(Host, Protocol):
     def load(self, name: str) -> str:
         """Make a checkpoint the host's current model; returns its title."""
 
-    def job(self, task_id: str = "", jobs: int = 1) -> contextlib.AbstractContextManager:
-        """Hold the host's job slot (one merge or generation at a time) for the block, which does ``jobs`` steps."""
+    def job(self, task_id: str = "", jobs: int = 1, owner: str = "") -> contextlib.AbstractContextManager:
+        """Hold the host's job slot (one merge or generation at a time) for the block, which does ``jobs``
+        steps, on behalf of ``owner`` (the page or API client that asked: only it may cancel the job)."""
 
     def report(self, progress) -> None:
         """Show a merge's progress where the host shows progress."""
@@ -88,8 +91,8 @@ class AppHost(Host, Protocol):
     def should_stop(self) -> bool:
         """True once the user asked to cancel the running job."""
 
-    def interrupt(self) -> None:
-        """Ask the running job to stop."""
+    def interrupt(self, owner: str) -> bool:
+        """Ask the running job to stop if ``owner`` started it; another's job runs on. True if asked."""
 
 
 def strip_title(name: str) -> str:
@@ -107,9 +110,11 @@ def default_device() -> str:
 class FolderHost:
     """A folder of checkpoints: the host of the CLI, the standalone app and the tests.
 
-    Names are paths relative to the folder; a path to a file elsewhere also resolves (its name is
-    then the file name, as in the webui). Hashes are cached by path, size and mtime in a JSON file,
-    like the webui's own cache, so an input is hashed once, not at every merge.
+    Names are paths relative to the folder, and resolve inside it only (``lib_merge.names``): the
+    standalone app and recipes hand it names from whoever reaches them. ``allow_paths`` is for the
+    CLI, whose paths come from the person at the keyboard: then a path to a file elsewhere resolves
+    too (its name is the file name, as in the webui). Hashes are cached by path, size and mtime in a
+    JSON file, like the webui's own cache, so an input is hashed once, not at every merge.
     """
 
     def __init__(
@@ -120,14 +125,17 @@ class FolderHost:
         vae_dir=None,
         device="auto",
         hash_cache: str | os.PathLike | None = None,
+        allow_paths: bool = False,
     ):
         self.models_dir = Path(models_dir)
         self._output_dir = Path(output_dir) if output_dir else self.models_dir
         self.vae_dir = Path(vae_dir) if vae_dir else None
         self._device = device
+        self.allow_paths = allow_paths
         self._hash_cache = Path(hash_cache) if hash_cache else _default_hash_cache()
         self._job_lock = threading.Lock()
         self._stop = threading.Event()
+        self._owner: str | None = None  # who started the running job; None while none runs
 
     def checkpoints(self) -> list[str]:
         if not self.models_dir.is_dir():
@@ -137,11 +145,21 @@ class FolderHost:
 
     def resolve(self, name: str) -> Checkpoint:
         plain = strip_title(name)
-        in_folder = self.models_dir / plain
-        path = in_folder if in_folder.is_file() else Path(plain)
-        if not path.is_file():
+        if self.allow_paths:
+            in_folder = self.models_dir / plain
+            path = in_folder if in_folder.is_file() else Path(plain)
             where = f" (looked in {self.models_dir} and the current folder)"
-            raise InputError(f"{name}: no such checkpoint{where}")
+        else:
+            path = inside(self.models_dir, plain, f"model {shown(plain)}")
+            if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
+                raise InputError(f"{shown(plain)}: not a checkpoint name (expected {' or '.join(CHECKPOINT_SUFFIXES)})")
+            where = " in the models folder"
+        if not path.is_file():
+            raise InputError(f"{shorten(name, 200)}: no such checkpoint{where}")
+        return self._checkpoint_at(path)
+
+    def _checkpoint_at(self, path: Path) -> Checkpoint:
+        """A file as a checkpoint: named relative to the models folder, or by its file name outside it."""
         try:
             name = path.resolve().relative_to(self.models_dir.resolve()).as_posix()
         except ValueError:
@@ -161,24 +179,25 @@ class FolderHost:
         return digest
 
     def vae_path(self, name: str) -> Path | None:
-        for candidate in (Path(name), (self.vae_dir or self.models_dir) / name):
-            if candidate.is_file():
-                return candidate
-        return None
+        folder = self.vae_dir or self.models_dir
+        candidates = [Path(name), folder / name] if self.allow_paths else [inside(folder, name, "bake_in_vae")]
+        return next((candidate for candidate in candidates if candidate.is_file()), None)
 
     def output_dir(self) -> Path:
         return self._output_dir
 
     def register(self, path: Path, sha256: str) -> str:
         self._remember(Path(path).resolve(), sha256)
-        return self.resolve(str(path)).name
+        return self._checkpoint_at(Path(path)).name
 
     def device(self) -> str:
         return default_device() if self._device == "auto" else self._device
 
-    # What the standalone app needs (AppHost): a folder has no current model to load.
+    # What the standalone app needs (AppHost): a folder has no current model to load, nor images to
+    # score, so no request ever names code for it to import.
     can_load = False
     load_by_default = False
+    can_run_code = False
 
     def refresh(self) -> None:
         pass  # every listing reads the folder afresh
@@ -197,10 +216,14 @@ class FolderHost:
         raise InputError(f"{name}: this host has no model to load; the file is ready in {self._output_dir}")
 
     @contextlib.contextmanager
-    def job(self, task_id: str = "", jobs: int = 1) -> Iterator[None]:
+    def job(self, task_id: str = "", jobs: int = 1, owner: str = "") -> Iterator[None]:
         with self._job_lock:
             self._stop.clear()  # a Cancel pressed before this job started is not for it
-            yield
+            self._owner = owner
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def report(self, progress) -> None:
         pass  # a folder has no progress display; the tab and the CLI show their own
@@ -208,8 +231,11 @@ class FolderHost:
     def should_stop(self) -> bool:
         return self._stop.is_set()
 
-    def interrupt(self) -> None:
+    def interrupt(self, owner: str) -> bool:
+        if not owner or owner != self._owner:
+            return False
         self._stop.set()
+        return True
 
     def _read_cache(self) -> dict:
         try:

@@ -9,6 +9,7 @@ costs the merge arithmetic and the image, not a disk read.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import CancelledError, MergeError, RequestError
+from .errors import CancelledError, MergeError, RequestError, brief, shown
 from .greedy_soup import USER, GreedySoupResult, GreedyWalk, greedy_soup, soup_node
 from .host import AppHost
 from .io.input_cache import InputCache
@@ -38,6 +39,23 @@ class ImageSettings:
     height: int = 512
     sampler: str = ""  # empty: the host's default
     cfg_scale: float = 7.0
+
+    def __post_init__(self):
+        """txt2img's own ranges: a request cannot ask for hour-long images (work per request is bounded)."""
+        for name, low, high in (("seed", -1, MAX_SEED), ("steps", 1, 150), ("width", 1, 2048), ("height", 1, 2048)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise RequestError(f"sweep.{name}: expected a whole number from {low} to {high}, got {shown(value)}")
+        try:
+            cfg_scale = float(self.cfg_scale)
+        except (TypeError, ValueError, OverflowError):
+            cfg_scale = math.nan
+        if isinstance(self.cfg_scale, bool) or not 1.0 <= cfg_scale <= 30.0:
+            raise RequestError(f"sweep.cfg_scale: expected a number from 1 to 30, got {shown(self.cfg_scale)}")
+        object.__setattr__(self, "cfg_scale", cfg_scale)
+        for name in ("prompt", "negative_prompt", "sampler"):
+            if not isinstance(getattr(self, name), str):
+                raise RequestError(f"sweep.{name}: expected text")
 
     def with_fixed_seed(self) -> ImageSettings:
         """Every point gets the same seed, so the images differ by the merge alone."""
@@ -114,6 +132,7 @@ def run_sweep(
     settings: ImageSettings,
     *,
     task_id: str = "",
+    owner: str = "",
     on_cell: Callable[[Cell], None] | None = None,
 ) -> SweepOutcome:
     """Merge and generate every point as one host job; Cancel stops between points or in an image.
@@ -126,7 +145,7 @@ def run_sweep(
     points = plan_sweep(request, x, y)
     settings = settings.with_fixed_seed()
     outcome = SweepOutcome([], len(points), seed=settings.seed)
-    with host.job(task_id, jobs=len(points)), InputCache(host.device()) as inputs:
+    with host.job(task_id, jobs=len(points), owner=owner), InputCache(host.device()) as inputs:
         for point in points:
             if host.should_stop():
                 break
@@ -222,6 +241,7 @@ def run_greedy_soup(
     *,
     scorer_name: str,
     task_id: str = "",
+    owner: str = "",
     on_step: Callable[[tuple[str, ...], list], None] | None = None,
 ) -> GreedyOutcome:
     """Greedy soup scored by ``scorer(images, prompts) -> float`` as one host job (inputs read once).
@@ -244,13 +264,11 @@ def run_greedy_soup(
             return scorer(images[soup], list(prompts))
         except MergeError:
             raise
-        except Exception as err:  # the scorer is the user's code: its error names it and the soup
-            raise RequestError(
-                f"scorer: {scorer_name} failed on {' + '.join(soup)} ({type(err).__name__}: {err})"
-            ) from err
+        except BaseException as err:  # the user's code: even its sys.exit() must not end the server
+            raise RequestError(f"scorer: {scorer_name} failed on {' + '.join(soup)} ({brief(err)})") from err
 
     jobs = (2 * len(candidates) - 1) * len(prompts)
-    with host.job(task_id, jobs=jobs), InputCache(host.device()) as inputs:
+    with host.job(task_id, jobs=jobs, owner=owner), InputCache(host.device()) as inputs:
         try:
             result = greedy_soup(candidates, score_of, should_stop=host.should_stop)
         except CancelledError as err:
@@ -262,7 +280,13 @@ def run_greedy_soup(
 
 
 def greedy_pair(
-    host: ImageHost, walk: GreedyWalk, prompts: list[str], settings: ImageSettings, *, task_id: str = ""
+    host: ImageHost,
+    walk: GreedyWalk,
+    prompts: list[str],
+    settings: ImageSettings,
+    *,
+    task_id: str = "",
+    owner: str = "",
 ) -> tuple[list, list]:
     """The images the user compares at the walk's pending step, one per prompt: the soup's, then the
     soup + candidate's (left in the model), as one host job. ``settings.seed`` should be fixed for
@@ -273,7 +297,7 @@ def greedy_pair(
     prompts = _prompts(prompts)
     settings = settings.with_fixed_seed()
     shown = []
-    with host.job(task_id, jobs=2 * len(prompts)), InputCache(host.device()) as inputs:
+    with host.job(task_id, jobs=2 * len(prompts), owner=owner), InputCache(host.device()) as inputs:
         for soup in pair:
             _put_on(host, soup, inputs)
             shown.append(_images(host, prompts, settings))
@@ -281,7 +305,13 @@ def greedy_pair(
 
 
 def finish_walk(
-    host: ImageHost, walk: GreedyWalk, prompts: list[str], settings: ImageSettings, *, task_id: str = ""
+    host: ImageHost,
+    walk: GreedyWalk,
+    prompts: list[str],
+    settings: ImageSettings,
+    *,
+    task_id: str = "",
+    owner: str = "",
 ) -> GreedyOutcome:
     """The user's soup once every candidate is decided: left in the model (tried with the request
     that carries the path, ``"scorer": "user"``; a single model loaded whole) and its images."""
@@ -292,7 +322,7 @@ def finish_walk(
     prompts = _prompts(prompts)
     result = walk.result()
     provenance = greedy_provenance(walk.record(), USER, prompts, settings.seed)
-    with host.job(task_id, jobs=len(prompts)), InputCache(host.device()) as inputs:
+    with host.job(task_id, jobs=len(prompts), owner=owner), InputCache(host.device()) as inputs:
         request = _settle(host, result, provenance, inputs)
         images = _images(host, prompts, settings)
     return GreedyOutcome(result, request, images, settings.seed, time.perf_counter() - started)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import arch, blocks
+from . import arch, blocks, names
 from .errors import IncompatibleModelsError, InputError, MergeError, OutputError, RequestError
 from .host import Checkpoint, Host
 from .io import metadata as meta
@@ -28,6 +28,7 @@ from .steps import Step, Tree
 
 # Keys the webui drops from a VAE file before baking it in (modules/sd_vae.py, load_vae_dict).
 VAE_IGNORED = ("model_ema.decay", "model_ema.num_updates")
+MODEL_FIELDS = ("primary_model_name", "secondary_model_name", "tertiary_model_name")
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,11 @@ def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True, op
     """
     if request.tree is None:
         _check_builtin_inputs(request)
+    if request.custom_name and not request.output_path:  # refused before any file is opened or hashed
+        names.output_file_name(f"{request.custom_name}.{request.checkpoint_format}", "custom_name")
     tree = request.root()
     tree.validate()
-    checkpoints = {ref.name: host.resolve(ref.name) for ref in tree.models()}
+    checkpoints = _resolve_models(request, tree, host)
     tree = _choose(tree, checkpoints)
     roles = _roles(tree)
     sources: dict[str, Source] = {}
@@ -153,6 +156,20 @@ def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True, op
         if vae is not None:
             vae.close()
         raise
+
+
+def _resolve_models(request: MergeRequest, tree: MergeNode, host: Host) -> dict[str, Checkpoint]:
+    """Each model name as the host resolves it; an error names the field that gave the name."""
+    refs = list(tree.models())
+    where = MODEL_FIELDS if request.tree is None else [f"recipe model {i + 1}" for i in range(len(refs))]
+    checkpoints = {}
+    for source, ref in zip(where, refs, strict=False):
+        if ref.name not in checkpoints:
+            try:
+                checkpoints[ref.name] = host.resolve(ref.name)
+            except MergeError as err:
+                raise type(err)(f"{source}: {err}") from None
+    return checkpoints
 
 
 def _check_builtin_inputs(request: MergeRequest) -> None:
@@ -418,13 +435,18 @@ def _input_checkpoint(request: MergeRequest, host: Host, source: Source, hash_in
 
 
 def _output_path(request, tree: MergeNode, checkpoints: dict[str, Checkpoint], host, variant) -> Path:
-    if request.output_path:
+    if request.output_path:  # the CLI's -o: a path the user typed, anywhere
         path = Path(request.output_path)
         if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt"):
             raise RequestError(f"output: {path} must end in .safetensors or .ckpt")
         return path
+    suffix = f".{request.checkpoint_format}"
     stem = meta.output_stem(request, tree, checkpoints, variant)
-    return Path(host.output_dir()) / f"{stem}.{request.checkpoint_format}"
+    if request.custom_name:  # typed by whoever reaches the tab or the API: one file in the output folder
+        name = names.output_file_name(stem + suffix, "custom_name")
+    else:  # made from model names, which can be long: cut to fit the filesystem
+        name = names.shorten(stem, names.NAME_MAX_BYTES - names.TEMP_NAME_OVERHEAD - len(suffix)) + suffix
+    return Path(host.output_dir()) / name
 
 
 def _check_output(plan: Plan) -> None:

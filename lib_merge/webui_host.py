@@ -31,6 +31,16 @@ class WebuiHost:
 
     can_load = True
 
+    def __init__(self):
+        self._owner: str | None = None  # who started the running Merge Lab job; None while none runs
+
+    @property
+    def can_run_code(self) -> bool:
+        """A greedy soup's scorer imports code: allowed where the webui allows installing extensions
+        (its own rule: not with --listen, --share, --ngrok or --server-name, unless
+        --enable-insecure-extension-access)."""
+        return not getattr(shared.cmd_opts, "disable_extension_access", True)
+
     def checkpoints(self) -> list[str]:
         return sd_models.checkpoint_tiles()
 
@@ -197,7 +207,7 @@ class WebuiHost:
         return grid, Path(path).resolve()
 
     @contextlib.contextmanager
-    def job(self, task_id: str = "", jobs: int = 1) -> Iterator[None]:
+    def job(self, task_id: str = "", jobs: int = 1, owner: str = "") -> Iterator[None]:
         """One job at a time with generation, visible in /sdapi/v1/progress and the page's progress bar."""
         task_id = task_id or f"task(merge-lab-{uuid.uuid4().hex[:12]})"
         webui_progress.add_task_to_queue(task_id)
@@ -206,9 +216,11 @@ class WebuiHost:
             webui_progress.start_task(task_id)
             shared.state.job_count = jobs  # a sweep's points: the progress bar advances per image
             shared.state.textinfo = "Merge Lab: preflight"
+            self._owner = owner
             try:
                 yield
             finally:
+                self._owner = None
                 webui_progress.finish_task(task_id)
                 shared.state.end()
                 shared.state.interrupted = False
@@ -224,9 +236,13 @@ class WebuiHost:
     def should_stop(self) -> bool:
         return bool(shared.state.interrupted)
 
-    def interrupt(self) -> None:
-        if shared.state.job == MERGE_JOB:  # Cancel in this tab must not stop someone's txt2img
-            shared.state.interrupt()
+    def interrupt(self, owner: str) -> bool:
+        """Stop the running Merge Lab job if ``owner`` (a page, an API client) started it: Cancel
+        in one page must stop neither another page's merge nor anyone's txt2img."""
+        if not owner or owner != self._owner or shared.state.job != MERGE_JOB:
+            return False
+        shared.state.interrupt()
+        return True
 
     def api_auth(self) -> dict[str, str]:
         """The webui's --api-auth users and passwords, empty when the API is open."""
@@ -238,6 +254,7 @@ class WebuiHost:
         return credentials
 
 
+RECIPE_FOLDER = "merge-lab-recipes"
 TRIED = "merge_lab_tried"  # on a tried model's checkpoint info: (request, InPlaceResult)
 SETTINGS_SECTION = ("merge_lab", "Merge Lab")
 
@@ -275,8 +292,9 @@ class XyzSession:
 
         return family_of(self.host, self.base())
 
-    def recipe_dir(self) -> None:
-        return None  # recipe files are given by path
+    def recipe_dir(self) -> Path:
+        """``merge-lab-recipes`` in the checkpoint folder: the recipe axis reads recipe files there only."""
+        return self.host.output_dir() / RECIPE_FOLDER
 
 
 def on_before_ui() -> None:
@@ -298,11 +316,14 @@ def on_ui_tabs():
 
 
 def on_app_started(_demo, app) -> None:
-    """The API routes on the webui's own FastAPI app, behind --api-auth when the webui has it."""
+    """The API routes on the webui's own FastAPI app, behind --api-auth when the webui has it; and
+    the temp files of merges that were killed (kill -9, a crash) removed from the checkpoint folder."""
     from .api import add_routes
+    from .io.writer import remove_leftovers
 
     host = WebuiHost()
     add_routes(app, host, host.api_auth() or None)
+    remove_leftovers(host.output_dir())
 
 
 def _checkpoint_info(name: str):

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .blocks import presets
-from .errors import MergeError, RequestError
+from .errors import MergeError, RequestError, shown
+from .names import relative_name
 from .recipe import load_recipe, request_from_recipe
 from .request import MergeRequest
 from .sweep import BLOCKS, parse_axis, plan_sweep, value_text
@@ -62,7 +63,8 @@ class XyzSession(Protocol):
         ...
 
     def recipe_dir(self) -> Path | None:
-        """The folder of saved recipe files whose names the recipe axis offers and resolves; None: no such folder."""
+        """The folder of saved recipe files whose names the recipe axis offers and resolves (only
+        there); None: no such folder, and the recipe axis refuses every value."""
         ...
 
 
@@ -177,22 +179,22 @@ class MergeLabAxes:
         return sorted(files, key=str.casefold)
 
     def recipe_path(self, value) -> Path:
-        """The file a value names: a name in the recipe folder (its suffix optional), or a path."""
+        """The file a value names: a name in the recipe folder, its suffix optional; never a path
+        outside it (the plot's values come from whoever reaches the page)."""
         text = str(value).strip()
         if not text:
             raise RequestError(f"{RECIPE}: an empty value names no recipe file")
         folder = self.session.recipe_dir()
-        candidates = []
-        if folder is not None and not Path(text).expanduser().is_absolute():
-            candidates = [Path(folder) / text, *(Path(folder) / (text + suffix) for suffix in RECIPE_SUFFIXES)]
-        candidates.append(Path(text).expanduser())
+        if folder is None:
+            raise RequestError(f"{RECIPE}: {shown(text)}: this host has no recipe folder to read recipes from")
+        relative = relative_name(text, f"{RECIPE}: {shown(text)}")
+        candidates = [Path(folder) / relative, *(Path(folder) / f"{relative}{suffix}" for suffix in RECIPE_SUFFIXES)]
         for path in candidates:
             if path.is_file():
                 if not _is_recipe_file(path):
                     raise RequestError(f"{RECIPE}: {text!r}: not a recipe file (expected {', '.join(RECIPE_SUFFIXES)})")
                 return path
-        where = f" (looked in {folder} and as a path)" if folder is not None else ""
-        raise RequestError(f"{RECIPE}: {text!r}: no such recipe file{where}")
+        raise RequestError(f"{RECIPE}: {shown(text)}: no such recipe file (looked in {folder})")
 
     def recipe_request(self, value) -> MergeRequest:
         path = self.recipe_path(value)

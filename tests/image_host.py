@@ -10,6 +10,7 @@ hash of the weights and the seed, so two images are equal exactly when weights a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -50,6 +51,17 @@ class ImageHost(FolderHost):
         self.generated: list[str] = []  # the model state (its hash) of each image, in order
         self.stop_after_images: int | None = None  # Cancel pressed once this many images are done
 
+    @contextlib.contextmanager
+    def job(self, task_id: str = "", jobs: int = 1, owner: str = ""):
+        """The host's job, remembering its owner so the stand-in's Cancel (``press_cancel``) is that
+        owner's, as the tab's Cancel is its page's."""
+        self.owner = owner or "test-page"
+        with super().job(task_id, jobs, self.owner):
+            yield
+
+    def press_cancel(self) -> None:
+        assert self.interrupt(self.owner), "Cancel found no job of its owner running"
+
     def load(self, name: str) -> str:
         with open_checkpoint(self.resolve(name).path) as reader:
             for key, tensor in self.model.state_dict().items():
@@ -77,7 +89,7 @@ class ImageHost(FolderHost):
 
     def generate(self, settings) -> Generated:
         if self.stop_after_images is not None and len(self.generated) >= self.stop_after_images:
-            self.interrupt()
+            self.press_cancel()
             raise CancelledError("cancelled while generating")
         state = self.weights_hash()
         self.generated.append(state)

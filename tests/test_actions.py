@@ -32,10 +32,10 @@ def test_cancel_stops_the_merge_and_leaves_no_file(host, models):
 
     def cancel_after_the_first_tensor(update):
         updates.append(update)
-        host.interrupt()  # what the Cancel button calls
+        assert host.interrupt("page-1")  # what the Cancel button of the page that started it calls
 
     with pytest.raises(CancelledError):
-        actions.run_merge(host, request, load=False, on_progress=cancel_after_the_first_tensor)
+        actions.run_merge(host, request, load=False, owner="page-1", on_progress=cancel_after_the_first_tensor)
     assert updates, "the merge reported no progress before it was cancelled"
     assert sorted(p.name for p in models.iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
     # The cancel belonged to that job: the next merge runs to the end.
@@ -103,3 +103,16 @@ def test_preflight_reads_headers_only_and_leaves_hashing_to_the_merge(host, monk
     assert hashed == []  # an SDXL input is 7 GB: a preflight on every pick must not read it whole
     actions.run_merge(host, request, load=False)
     assert sorted(hashed) == ["a.safetensors", "b.safetensors"]  # the recipe's input hashes
+
+
+def test_a_cancel_from_another_page_or_client_does_not_stop_the_merge(host, models):
+    request, _ = actions.request_from_fields(fields(custom_name="not-mine"))
+    answers = []
+
+    def others_press_cancel(update):
+        answers.extend([host.interrupt("page-2"), host.interrupt("")])
+
+    outcome = actions.run_merge(host, request, load=False, owner="page-1", on_progress=others_press_cancel)
+    assert answers and not any(answers)
+    assert outcome.path == models / "not-mine.safetensors" and outcome.path.is_file()
+    assert not host.interrupt("page-1")  # and once it is done, its owner has nothing left to stop

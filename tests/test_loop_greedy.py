@@ -117,7 +117,7 @@ def test_cancel_stops_and_leaves_a_whole_model(image_host, models, where):
 
     def press_cancel_after_four_soups(soup, images):
         if len(scorer.calls) == 3:
-            image_host.interrupt()
+            image_host.press_cancel()
 
     if where == "in an image":
         image_host.stop_after_images = 7  # the 4th soup's second image

@@ -13,7 +13,7 @@ def merge_and_check(request, host, models):
     result = merge(request, host)
     names = (request.primary_model_name, request.secondary_model_name, request.tertiary_model_name)
     inputs = [load(models / name) if name else {} for name in names]
-    vae = load(request.bake_in_vae) if request.vae_name else None
+    vae = load(models / request.bake_in_vae) if request.vae_name else None
     options = {"save_as_half": request.save_as_half, "vae": vae, "discard": request.discard_weights}
     exact, _ = reference_merge(*inputs, request.interp_method, request.multiplier, **options)
     out = load(result.path)
@@ -117,9 +117,9 @@ def test_discard_weights_is_a_regex_search(host, models):
 def test_vae_bake_in_replaces_first_stage_keys(host, models, tmp_path):
     vae_specs = {k[len("first_stage_model.") :]: v for k, v in SD15.items() if k.startswith("first_stage_model.")}
     vae_specs["loss.logvar"] = SD15["betas"]
-    vae = make(tmp_path / "vae.safetensors", specs=vae_specs, seed=7, dtype=torch.float32)
+    vae = make(models / "vae.safetensors", specs=vae_specs, seed=7, dtype=torch.float32)
     request = MergeRequest(
-        "a.safetensors", "b.safetensors", multiplier=0.5, bake_in_vae=str(vae), save_as_half=True, custom_name="out"
+        "a.safetensors", "b.safetensors", multiplier=0.5, bake_in_vae=vae.name, save_as_half=True, custom_name="out"
     )
     result = merge_and_check(request, host, models)
     out, v = load(result.path), load(vae)

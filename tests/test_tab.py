@@ -79,13 +79,15 @@ class TestGreedyHandlers:
     def image_host(self, models, tmp_path):
         from image_host import ImageHost
 
-        return ImageHost(models, tmp_path / "grids", hash_cache=tmp_path / "hashes.json")
+        host = ImageHost(models, tmp_path / "grids", hash_cache=tmp_path / "hashes.json")
+        host.can_run_code = True  # a webui that allows installing extensions (the default, on localhost)
+        return host
 
     def start(self, image_host, candidates, scorer=""):
         from lib_merge.ui import experiments
 
         prompts = "a cat\n\n a dog "  # blank lines and spaces around a prompt are dropped
-        out = experiments.start_greedy(image_host, candidates, prompts, scorer, GREEDY_IMAGE, "", _no_progress)
+        out = experiments.start_greedy(image_host, candidates, prompts, scorer, GREEDY_IMAGE, "", "page", _no_progress)
         return dict(zip(self.OUTPUTS, out, strict=True))
 
     def test_picking_builds_the_soup_and_save_writes_the_path(self, image_host):
@@ -99,15 +101,17 @@ class TestGreedyHandlers:
         state = out["walk"]
         assert json.loads(json.dumps(state)) == state and out["recipe"] is None
 
-        out = dict(zip(self.OUTPUTS, experiments.decide_greedy(image_host, state, True, ""), strict=True))
+        out = dict(zip(self.OUTPUTS, experiments.decide_greedy(image_host, state, True, "", "page"), strict=True))
         assert "step 2 of 2" in out["result"] and out["walk"]["walk"]["decisions"] == [True]
-        out = dict(zip(self.OUTPUTS, experiments.decide_greedy(image_host, out["walk"], False, ""), strict=True))
+        out = dict(
+            zip(self.OUTPUTS, experiments.decide_greedy(image_host, out["walk"], False, "", "page"), strict=True)
+        )
         assert "Greedy soup: b.safetensors + a.safetensors" in out["result"]
         assert not out["keep"]["interactive"] and out["save"]["interactive"]
         path = out["recipe"]["greedy_soup"]
         assert path["scorer"] == "user" and path["prompts"] == ["a cat", "a dog"] and path["seed"] == 5
 
-        saved = experiments.save_recipe_file(image_host, out["recipe"], "find a greedy soup")
+        saved = experiments.save_recipe_file(image_host, out["recipe"], "find a greedy soup", "page")
         assert "merge-lab-done" in saved
         [file] = image_host.models_dir.glob("soup(*")
         with open_checkpoint(file) as reader:
@@ -120,6 +124,26 @@ class TestGreedyHandlers:
         assert "Greedy soup: b.safetensors + a.safetensors" in out["result"]  # a tie keeps the candidate
         assert out["recipe"]["greedy_soup"]["scorer"] == "merge_lab_tab_scorer:score" and out["save"]["interactive"]
         assert len(out["soup"]) == 2 and out["candidate"] == []
+
+    def test_a_scorer_is_never_imported_where_the_host_allows_no_code(self, image_host, tmp_path, monkeypatch):
+        """As the webui with --listen (extensions cannot be installed), or the standalone app."""
+        marker = tmp_path / "imported"
+        module = tmp_path / "merge_lab_refused_scorer.py"
+        module.write_text(f"open({str(marker)!r}, 'w').close()\ndef score(images, prompts):\n    return 1.0\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        image_host.can_run_code = False
+        out = self.start(image_host, ["b.safetensors", "a.safetensors"], "merge_lab_refused_scorer:score")
+        assert "merge-lab-error" in out["result"] and "scorer: naming code to run is off here" in out["result"]
+        assert not marker.exists() and image_host.generated == []
+
+    @pytest.mark.parametrize("code", ["raise SystemExit(3)", "raise KeyboardInterrupt", "import sys; sys.exit()"])
+    def test_a_scorer_that_exits_is_an_error_and_the_server_lives_on(self, image_host, tmp_path, monkeypatch, code):
+        name = f"merge_lab_exiting_scorer_{abs(hash(code))}"
+        (tmp_path / f"{name}.py").write_text(f"def score(images, prompts):\n    {code}\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        out = self.start(image_host, ["b.safetensors", "a.safetensors"], f"{name}:score")
+        assert "merge-lab-error" in out["result"] and f"scorer: {name}:score failed" in out["result"]
+        assert not image_host.interrupt("page")  # the job ended: nothing is left holding the host
 
     @pytest.mark.parametrize(
         ("candidates", "scorer", "message"),
@@ -139,10 +163,10 @@ class TestGreedyHandlers:
 
         state = self.start(image_host, ["a.safetensors", "b.safetensors", "c.safetensors"])["walk"]
         image_host.stop_after_images = len(image_host.generated)  # Cancel pressed: the next image stops
-        out = dict(zip(self.OUTPUTS, experiments.decide_greedy(image_host, state, True, ""), strict=True))
+        out = dict(zip(self.OUTPUTS, experiments.decide_greedy(image_host, state, True, "", "page"), strict=True))
         assert "merge-lab-error" in out["result"] and "cancelled" in out["result"]
         assert out["walk"] == gr.update() and out["keep"]["interactive"]  # the same pick can be made again
-        assert "Start a greedy soup first" in experiments.decide_greedy(image_host, None, True, "")[2]
+        assert "Start a greedy soup first" in experiments.decide_greedy(image_host, None, True, "", "page")[2]
 
 
 def _no_progress(*args, **kwargs):

@@ -207,6 +207,40 @@ def test_cancel_stops_a_running_merge_and_leaves_no_file(page, webui):
     assert sorted(p.name for p in webui.iterdir()) == before
 
 
+def test_names_stay_in_the_checkpoint_folder_and_cancel_stops_only_its_own_pages_merge(page, webui):
+    """As someone who reaches a --listen webui would try: paths in names, and another page's Cancel."""
+    models = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
+    before = sorted(p.name for p in webui.iterdir()), sorted(p.name for p in webui.parent.iterdir())
+    for change, field in (
+        ({"custom_name": "../escaped"}, "custom_name"),
+        ({"custom_name": "/tmp/escaped"}, "custom_name"),
+        ({"secondary_model_name": str(webui / "rand_b.safetensors")}, "secondary_model_name"),
+        ({"bake_in_vae": str(webui / "rand_b.safetensors")}, "bake_in_vae"),
+        ({"discard_weights": r"^(a|aa|[a-z_.]|[a-z_.][a-z_.])+$"}, "discard_weights"),
+    ):
+        status, answer = call("/merge-lab/v1/merge", {**models, **change})
+        assert 400 <= status < 500 and field in answer["detail"] and "\n" not in answer["detail"], answer
+    assert call("/merge-lab/v1/cancel", {"id_task": "nobody"}) == (200, {"cancelled": False})
+
+    open_merge_lab(page)
+    choose_a_and_b(page, f"{MERGED}_not_cancelled")
+    page.locator("#merge_lab_merge").click()
+    page.wait_for_selector("#tab_merge_lab .progressDiv")
+    other = page.context.new_page()  # a second browser tab on the same webui: someone else's page
+    other.goto(URL, wait_until="load")
+    other.wait_for_selector("#txt2img_generate")
+    open_merge_lab(other)
+    other.locator("#merge_lab_cancel").click()
+    page.locator("#merge_lab_result .merge-lab-done").last.wait_for(state="attached", timeout=900_000)
+    assert (
+        f"Saved and loaded: {MERGED}_not_cancelled.safetensors" in page.locator("#merge_lab_result").last.inner_text()
+    )
+    other.close()
+    made = sorted(p.name for p in webui.iterdir())
+    assert made == sorted([*before[0], f"{MERGED}_not_cancelled.safetensors"])
+    assert sorted(p.name for p in webui.parent.iterdir()) == before[1]  # nothing beside the checkpoint folder
+
+
 def test_api_merges_refuses_bad_input_and_honours_the_inpainting_rule(webui):
     body = {"primary_model_name": "rand_inpaint.safetensors", "secondary_model_name": "rand_b.safetensors"}
     status, answer = call("/merge-lab/v1/merge", {**body, "custom_name": f"{MERGED}_inpaint", "multiplier": 0.5})

@@ -7,6 +7,7 @@ adapter in a real webui when MERGE_LAB_WEBUI is set.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib
 import runpy
@@ -18,7 +19,7 @@ import pytest
 from conftest import make
 
 from lib_merge import actions, xyz_axes
-from lib_merge.errors import CancelledError, InputError
+from lib_merge.errors import CancelledError, InputError, RequestError
 
 STANDIN = Path(__file__).parent / "webui_standin"
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,11 +136,16 @@ def test_a_merge_is_a_webui_job_with_a_task_id_and_steps(host, webui):
 
 
 def test_cancel_interrupts_the_merge_only_and_leaves_no_file(host, webui):
-    host.interrupt()  # no merge running: a generation in progress must not be stopped
+    assert not host.interrupt("page-1")  # no merge running: a generation in progress must not be stopped
     assert not webui.shared.state.interrupted
 
+    def cancels(_update):
+        assert not host.interrupt("page-2")  # another page's Cancel: not its merge
+        assert not webui.shared.state.interrupted
+        assert host.interrupt("page-1")
+
     with pytest.raises(CancelledError):
-        actions.run_merge(host, request(), load=False, on_progress=lambda _update: host.interrupt())
+        actions.run_merge(host, request(), load=False, owner="page-1", on_progress=cancels)
     assert sorted(p.name for p in webui.folder.iterdir()) == ["a.safetensors", "b.safetensors"]
     assert not webui.shared.state.interrupted and not webui.call_queue.queue_lock.held()
 
@@ -217,3 +223,50 @@ def test_the_entry_script_registers_the_tab_the_settings_and_the_routes(webui):
     assert client.get("/merge-lab/v1/models").status_code == 401
     listed = client.get("/merge-lab/v1/models", auth=("user", "pw")).json()
     assert [entry["architecture"] for entry in listed] == ["SD1", "SD1"]
+
+
+@pytest.mark.parametrize("custom_name", ["../escaped", "/tmp/escaped", "sub/escaped", "..", "a\x00b"])
+def test_a_custom_name_is_a_file_name_in_the_checkpoint_folder_only(host, webui, tmp_path, custom_name):
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(RequestError, match="custom_name"):
+        actions.run_merge(host, request(custom_name=custom_name), load=False)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_names_outside_the_webuis_lists_are_refused(host, webui, tmp_path):
+    make(tmp_path / "secret.safetensors", seed=3)
+    for name in (str(tmp_path / "secret.safetensors"), "../secret.safetensors"):
+        with pytest.raises(InputError, match="not in the webui's checkpoint list"):
+            actions.run_merge(host, request(secondary_model_name=name), load=False)
+    with pytest.raises(RequestError, match="bake_in_vae: no VAE named"):
+        actions.run_merge(host, request(bake_in_vae=str(tmp_path / "secret.safetensors")), load=False)
+
+
+def test_a_scorer_may_run_only_where_the_webui_allows_installing_extensions(host, webui):
+    webui.shared.cmd_opts.disable_extension_access = False  # localhost, the webui's default
+    assert host.can_run_code
+    webui.shared.cmd_opts.disable_extension_access = True  # --listen without --enable-insecure-extension-access
+    assert not host.can_run_code
+
+
+def test_the_webuis_start_removes_temp_files_of_killed_merges_only(webui, tmp_path):
+    fastapi = pytest.importorskip("fastapi")
+    leftover = webui.folder / ".killed.safetensors.0123abcd.merge-lab.tmp"
+    leftover.write_bytes(b"\0" * 1024)  # no process holds its lock: its merge is gone
+    webui.host_module.on_app_started(None, fastapi.FastAPI())
+    assert not leftover.exists()
+    assert sorted(p.name for p in webui.folder.iterdir()) == ["a.safetensors", "b.safetensors"]
+
+
+def test_api_auth_takes_non_ascii_passwords(host, webui):
+    fastapi = pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    webui.shared.cmd_opts.api_auth = "jörg:grüße:ß"
+    app = fastapi.FastAPI()
+    webui.host_module.on_app_started(None, app)
+    client = TestClient(app)
+    token = base64.b64encode("jörg:grüße:ß".encode()).decode()
+    assert client.get("/merge-lab/v1/models", headers={"Authorization": f"Basic {token}"}).status_code == 200
+    wrong = base64.b64encode("jörg:grüsse:ß".encode()).decode()
+    assert client.get("/merge-lab/v1/models", headers={"Authorization": f"Basic {wrong}"}).status_code == 401

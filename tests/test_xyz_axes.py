@@ -232,7 +232,7 @@ def test_the_recipe_axis_offers_and_tries_the_saved_recipes(xyz, recipes):
     add_axes(xyz, session)
     axis = option(xyz, RECIPE)
     assert axis.choices() == ["Plain.json", "ties-recipe.yaml"]
-    cells = xyz.run_cells(p(), axis, ["ties-recipe", str(recipes / "Plain.json")])
+    cells = xyz.run_cells(p(), axis, ["ties-recipe", "Plain.json"])
     assert [cell.label for cell in cells] == ["Merge Lab: recipe: ties-recipe", "Merge Lab: recipe: Plain"]
     ties, plain = session.tried
     assert ties.root() == TIES.root()
@@ -242,13 +242,35 @@ def test_the_recipe_axis_offers_and_tries_the_saved_recipes(xyz, recipes):
     assert plain.root().params == {"alpha": 0.3}
 
 
-def test_without_a_recipe_folder_the_recipe_axis_takes_typed_paths(xyz, recipes):
+def test_without_a_recipe_folder_the_recipe_axis_refuses_every_value(xyz, recipes):
     session = FakeSession(recipe_dir=None)
     add_axes(xyz, session)
     axis = option(xyz, RECIPE)
     assert axis.choices is None
-    xyz.run_cells(p(), axis, [str(recipes / "ties-recipe.yaml")])
-    assert session.tried[0].root().method == "ties"
+    with pytest.raises(RequestError, match="no recipe folder"):
+        xyz.run_cells(p(), axis, [str(recipes / "ties-recipe.yaml")])
+    assert session.tried == []
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("ABSOLUTE", "absolute paths are not accepted"),
+        ("../outside.yaml", "'..' is not accepted"),
+        ("sub/../../outside", "'..' is not accepted"),
+    ],
+)
+def test_the_recipe_axis_reads_nothing_outside_its_folder(xyz, recipes, value, message):
+    """A real recipe file beside the folder, named by an absolute path or through '..', is refused unread."""
+    outside = recipes.parent / "outside.yaml"
+    outside.write_text(dump_recipe(recipe_dict(TIES), outside))
+    value = str(outside) if value == "ABSOLUTE" else value
+    session = FakeSession(recipe_dir=recipes)
+    add_axes(xyz, session)
+    with pytest.raises(RequestError) as caught:
+        xyz.run_cells(p(), option(xyz, RECIPE), [value])
+    assert str(caught.value).startswith("Merge Lab: recipe: ") and message in str(caught.value), str(caught.value)
+    assert session.tried == []
 
 
 @pytest.mark.parametrize(

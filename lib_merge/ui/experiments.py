@@ -14,7 +14,7 @@ from dataclasses import asdict
 import gradio as gr
 
 from .. import actions, loop
-from ..errors import MergeError, RequestError
+from ..errors import MergeError, RequestError, brief
 from ..greedy_soup import GreedyWalk, load_scorer
 from ..methods import BOOL, FLOAT, INT, get_method
 from ..recipe import recipe_dict, request_from_recipe
@@ -91,41 +91,41 @@ def axis_updates(label: str) -> list:
     return [gr.update(choices=choices, value=choices[0] if choices else None), gr.update(choices=[NO_AXIS, *choices])]
 
 
-def try_merge(host, fields: dict, task_id: str) -> tuple[str, dict | None]:
+def try_merge(host, fields: dict, task_id: str, owner: str) -> tuple[str, dict | None]:
     """The result panel's HTML and the tried recipe (None when nothing was tried)."""
     try:
         request, _ = actions.request_from_fields(fields)
-        outcome = actions.run_try(host, request, task_id=task_id)
+        outcome = actions.run_try(host, request, task_id=task_id, owner=owner)
     except MergeError as err:
         return error_html(str(err)), None
     except Exception as err:  # the tab shows a message, never a traceback; the log keeps it
         log.exception("Merge Lab: try failed")
-        return error_html(f"internal error: {type(err).__name__}: {err}"), None
+        return error_html(f"internal error: {brief(err)}"), None
     return done_html("\n".join([outcome.message(), *outcome.notes])), outcome.recipe
 
 
-def save_recipe_file(host, recipe: dict | None, what: str) -> str:
+def save_recipe_file(host, recipe: dict | None, what: str, owner: str) -> str:
     """Merge ``recipe`` to its file (the same tensors as were tried) and register it."""
     if not recipe:
         return error_html(f"Nothing to save: {what} first.")
     try:
-        outcome = actions.run_merge(host, request_from_recipe(recipe), load=False)
+        outcome = actions.run_merge(host, request_from_recipe(recipe), load=False, owner=owner)
     except MergeError as err:
         return error_html(str(err))
     return done_html(outcome.message(), title=outcome.title)
 
 
-def restore(host) -> str:
+def restore(host, owner: str) -> str:
     try:
-        with host.job():
+        with host.job(owner=owner):
             title = host.restore()
     except Exception as err:  # the webui's loader failed: show why, the log keeps the traceback
         log.exception("Merge Lab: restoring the model failed")
-        return error_html(f"Could not reload the model: {type(err).__name__}: {err}")
+        return error_html(f"Could not reload the model: {brief(err)}")
     return done_html(f"Reloaded {title} from its file.")
 
 
-def run_sweep(host, fields: dict, axes: dict, image: dict, task_id: str, progress) -> tuple:
+def run_sweep(host, fields: dict, axes: dict, image: dict, task_id: str, owner: str, progress) -> tuple:
     """(gallery images, result HTML, cell dropdown update, {cell label: recipe})."""
 
     def show(cell: loop.Cell) -> None:
@@ -140,12 +140,12 @@ def run_sweep(host, fields: dict, axes: dict, image: dict, task_id: str, progres
         )
         total = len(x.values) * (len(y.values) if y else 1)
         settings = _image_settings(image)
-        outcome = actions.run_sweep(host, request, x, y, settings, task_id=task_id, on_cell=show)
+        outcome = actions.run_sweep(host, request, x, y, settings, task_id=task_id, owner=owner, on_cell=show)
     except MergeError as err:
         return [], error_html(str(err)), gr.update(), {}
     except Exception as err:
         log.exception("Merge Lab: sweep failed")
-        return [], error_html(f"internal error: {type(err).__name__}: {err}"), gr.update(), {}
+        return [], error_html(f"internal error: {brief(err)}"), gr.update(), {}
     pictures = ([(outcome.grid, "grid")] if outcome.grid is not None else []) + [
         (cell.image, f"{cell.label}: {cell.name} [{cell.recipe_hash}]") for cell in outcome.cells
     ]
@@ -188,7 +188,9 @@ def build_greedy(host) -> dict:
             "greedy_candidate": candidate, "greedy_walk": gr.State(None), "greedy_recipe": gr.State(None)}  # fmt: skip
 
 
-def start_greedy(host, candidates, prompts_text: str, scorer_text: str, image: dict, task_id: str, progress) -> tuple:
+def start_greedy(
+    host, candidates, prompts_text: str, scorer_text: str, image: dict, task_id: str, owner: str, progress
+) -> tuple:
     """Start: with a scorer, the whole greedy soup; without, the first pair for the user to pick from.
 
     Returns (soup images, soup + candidate images, result HTML, walk state, soup recipe, and the
@@ -207,19 +209,21 @@ def start_greedy(host, candidates, prompts_text: str, scorer_text: str, image: d
         settings = _image_settings(image).with_fixed_seed()
         if not (scorer_text or "").strip():
             walk = GreedyWalk(candidates or [])
-            return _next_pair(host, {"walk": walk.state(), "prompts": prompts, "settings": asdict(settings)}, task_id)
+            state = {"walk": walk.state(), "prompts": prompts, "settings": asdict(settings)}
+            return _next_pair(host, state, task_id, owner)
+        _can_run_code(host)
         scorer = load_scorer(scorer_text)
-        outcome = loop.run_greedy_soup(host, candidates or [], prompts, settings, scorer,
-                                       scorer_name=scorer_text.strip(), task_id=task_id, on_step=show)  # fmt: skip
+        outcome = loop.run_greedy_soup(host, candidates or [], prompts, settings, scorer, scorer_name=scorer_text.strip(),
+                                       task_id=task_id, owner=owner, on_step=show)  # fmt: skip
     except MergeError as err:
         return _greedy_view(message=error_html(str(err)))
     except Exception as err:  # the tab shows a message, never a traceback; the log keeps it
         log.exception("Merge Lab: greedy soup failed")
-        return _greedy_view(message=error_html(f"internal error: {type(err).__name__}: {err}"))
+        return _greedy_view(message=error_html(f"internal error: {brief(err)}"))
     return _finished(outcome, prompts)
 
 
-def decide_greedy(host, state: dict | None, add: bool, task_id: str) -> tuple:
+def decide_greedy(host, state: dict | None, add: bool, task_id: str, owner: str) -> tuple:
     """The user's pick: the next pair, or, after the last pick, the soup they built (left loaded).
 
     On an error the state stays as it was, so the same pick can be made again."""
@@ -229,23 +233,23 @@ def decide_greedy(host, state: dict | None, add: bool, task_id: str) -> tuple:
         walk = GreedyWalk(**state["walk"]).decide(add)
         state = {**state, "walk": walk.state()}
         if not walk.done:
-            return _next_pair(host, state, task_id)
+            return _next_pair(host, state, task_id, owner)
         settings = loop.ImageSettings(**state["settings"])
-        outcome = loop.finish_walk(host, walk, state["prompts"], settings, task_id=task_id)
+        outcome = loop.finish_walk(host, walk, state["prompts"], settings, task_id=task_id, owner=owner)
     except MergeError as err:
         return _greedy_view(message=error_html(str(err)), state=gr.update(), pending=True)
     except Exception as err:
         log.exception("Merge Lab: greedy soup step failed")
-        return _greedy_view(message=error_html(f"internal error: {type(err).__name__}: {err}"), state=gr.update(),
+        return _greedy_view(message=error_html(f"internal error: {brief(err)}"), state=gr.update(),
                             pending=True)  # fmt: skip
     return _finished(outcome, state["prompts"])
 
 
-def _next_pair(host, state: dict, task_id: str) -> tuple:
+def _next_pair(host, state: dict, task_id: str, owner: str) -> tuple:
     walk = GreedyWalk(**state["walk"])
     soup, with_candidate = walk.pending()
     settings = loop.ImageSettings(**state["settings"])
-    images = loop.greedy_pair(host, walk, state["prompts"], settings, task_id=task_id)
+    images = loop.greedy_pair(host, walk, state["prompts"], settings, task_id=task_id, owner=owner)
     step = len(walk.decisions) + 1
     message = (
         f"Greedy soup, step {step} of {len(walk.candidates) - 1} (seed {settings.seed}): "
@@ -280,6 +284,16 @@ def _prompt_lines(text: str) -> list[str]:
     if not prompts:
         raise RequestError("greedy_soup.prompts: give at least one prompt, one per line")
     return prompts
+
+
+def _can_run_code(host) -> None:
+    """A scorer names code to import: only where the host allows installing code (see SECURITY.md)."""
+    if not getattr(host, "can_run_code", False):
+        raise RequestError(
+            "scorer: naming code to run is off here (the webui allows it where it allows installing extensions: "
+            "not with --listen or --share unless --enable-insecure-extension-access; the standalone app with "
+            "--allow-scorer-code); leave the scorer empty to pick yourself"
+        )
 
 
 def _can_generate(host) -> None:

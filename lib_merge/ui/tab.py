@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import uuid
 
 import gradio as gr
 
 from .. import actions, arch
-from ..errors import MergeError
+from ..errors import MergeError, brief
 from ..host import AppHost
 from ..io.readers import open_checkpoint
 from ..methods import METHODS, get_method
@@ -165,6 +166,7 @@ def build_actions(host: AppHost, in_webui: bool) -> dict:
     task_id = gr.Textbox(visible=False, elem_id="merge_lab_task_id")
     open_txt2img = gr.Checkbox(False, visible=False, elem_id="merge_lab_open_txt2img")
     return {
+        "page": gr.State({}),  # this page's own: its jobs' owner id (see page_owner)
         "preflight": preflight,
         "merge": merge,
         "merge_open": merge_open,
@@ -206,19 +208,20 @@ def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
         return [gr.update(choices=host.checkpoints()) for _ in pickers] + [gr.update(choices=[NO_VAE, *host.vaes()])]
 
     ui["refresh"].click(refresh, outputs=[*pickers, ui["bake_in_vae"]])
-    ui["cancel"].click(host.interrupt, queue=False)
+    ui["cancel"].click(lambda page: _cancel(host, page), inputs=[ui["page"]], queue=False)
 
-    # gradio inserts the progress tracker at its parameter's position, so it comes first.
+    # gradio inserts the progress tracker at its parameter's position, so it comes first. The page's
+    # state comes last: the page script (javascript/merge_lab.js) rewrites the first values.
     def on_merge(progress=gr.Progress(), task_id="", open_txt2img=False, *values):  # noqa: B008 (gradio's idiom)
-        message = _merge(
-            host, _request_fields(dict(zip(ALL_FIELDS, values, strict=True))), task_id, open_txt2img, progress
-        )
+        *values, page = values
+        fields = _request_fields(dict(zip(ALL_FIELDS, values, strict=True)))
+        message = _merge(host, fields, task_id, page_owner(page), open_txt2img, progress)
         return [message] + [gr.update(choices=host.checkpoints()) for _ in pickers]
 
     for button, opens in ((ui["merge"], False), (ui["merge_open"], True)):
         button.click(
             on_merge,
-            inputs=[ui["task_id"], ui["open_txt2img"], *fields],
+            inputs=[ui["task_id"], ui["open_txt2img"], *fields, ui["page"]],
             outputs=[ui["result"], *pickers],
             **_page_hook(button, "mergeLabOpenTxt2img" if opens else "mergeLabMerge", in_webui),
         )
@@ -227,21 +230,23 @@ def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
 def wire_experiments(host: AppHost, ui: dict, in_webui: bool) -> None:
     """Try, Save tried, Restore, the sweep's axes and run, Save this one; then the greedy soup's."""
     fields = [ui[name] for name in ALL_FIELDS]
-    result, tried = ui["result"], ui["tried_recipe"]
+    result, tried, page = ui["result"], ui["tried_recipe"], ui["page"]
 
     def on_try(task_id="", *values):
-        message, recipe = experiments.try_merge(
-            host, _request_fields(dict(zip(ALL_FIELDS, values, strict=True))), task_id
-        )
+        *values, state = values
+        fields = _request_fields(dict(zip(ALL_FIELDS, values, strict=True)))
+        message, recipe = experiments.try_merge(host, fields, task_id, page_owner(state))
         return message, recipe, gr.update(interactive=recipe is not None)
 
     ui["try"].click(
-        on_try, inputs=[ui["task_id"], *fields], outputs=[result, tried, ui["save_tried"]],
+        on_try, inputs=[ui["task_id"], *fields, page], outputs=[result, tried, ui["save_tried"]],
         **_page_hook(ui["try"], "mergeLabTask", in_webui),
     )  # fmt: skip
-    ui["save_tried"].click(lambda recipe: experiments.save_recipe_file(host, recipe, "try a merge"), inputs=[tried],
-                           outputs=[result])  # fmt: skip
-    ui["restore"].click(lambda: experiments.restore(host), outputs=[result])
+    ui["save_tried"].click(
+        lambda recipe, state: experiments.save_recipe_file(host, recipe, "try a merge", page_owner(state)),
+        inputs=[tried, page], outputs=[result],
+    )  # fmt: skip
+    ui["restore"].click(lambda state: experiments.restore(host, page_owner(state)), inputs=[page], outputs=[result])
     ui["interp_method"].change(
         experiments.axis_updates, inputs=[ui["interp_method"]], outputs=[ui["x_param"], ui["y_param"]], queue=False
     )
@@ -249,18 +254,21 @@ def wire_experiments(host: AppHost, ui: dict, in_webui: bool) -> None:
     count = len(sweep_inputs)
 
     def on_sweep(progress=gr.Progress(), task_id="", *values):  # noqa: B008 (gradio's idiom)
+        *values, state = values
         named = dict(zip((*experiments.AXIS_FIELDS, *experiments.IMAGE_FIELDS), values[:count], strict=True))
         merge_fields = _request_fields(dict(zip(ALL_FIELDS, values[count:], strict=True)))
-        return experiments.run_sweep(host, merge_fields, named, named, task_id, progress)
+        return experiments.run_sweep(host, merge_fields, named, named, task_id, page_owner(state), progress)
 
     ui["sweep"].click(
-        on_sweep, inputs=[ui["task_id"], *sweep_inputs, *fields],
+        on_sweep, inputs=[ui["task_id"], *sweep_inputs, *fields, page],
         outputs=[ui["gallery"], result, ui["cell"], ui["cell_recipes"]],
         **_page_hook(ui["sweep"], "mergeLabSweep", in_webui),
     )  # fmt: skip
     ui["save_cell"].click(
-        lambda label, recipes: experiments.save_recipe_file(host, (recipes or {}).get(label), "run a sweep and pick a cell"),
-        inputs=[ui["cell"], ui["cell_recipes"]], outputs=[result],
+        lambda label, recipes, state: experiments.save_recipe_file(
+            host, (recipes or {}).get(label), "run a sweep and pick a cell", page_owner(state)
+        ),
+        inputs=[ui["cell"], ui["cell_recipes"], page], outputs=[result],
     )  # fmt: skip
     if in_webui:
         txt2img = [ui[name] for name in experiments.IMAGE_FIELDS]
@@ -280,24 +288,26 @@ def wire_greedy(host: AppHost, ui: dict, in_webui: bool) -> None:
     greedy_outputs += [ui[f"greedy_{name}"] for name in ("walk", "recipe", "keep", "add", "save")]
 
     def on_greedy_start(progress=gr.Progress(), task_id="", candidates=None, prompts="", scorer="", *values):  # noqa: B008
+        *values, state = values
         image = dict(zip(experiments.IMAGE_FIELDS, values, strict=True))
-        return experiments.start_greedy(host, candidates, prompts, scorer, image, task_id, progress)
+        return experiments.start_greedy(host, candidates, prompts, scorer, image, task_id, page_owner(state), progress)
 
     ui["greedy_start"].click(
         on_greedy_start,
-        inputs=[ui["task_id"], ui["greedy_candidates"], ui["greedy_prompts"], ui["greedy_scorer"], *image_inputs],
+        inputs=[ui["task_id"], ui["greedy_candidates"], ui["greedy_prompts"], ui["greedy_scorer"], *image_inputs,
+                ui["page"]],
         outputs=greedy_outputs, **_page_hook(ui["greedy_start"], "mergeLabTask", in_webui),
     )  # fmt: skip
 
     def decide(add: bool):
-        return lambda task_id, state: experiments.decide_greedy(host, state, add, task_id)
+        return lambda task_id, state, page: experiments.decide_greedy(host, state, add, task_id, page_owner(page))
 
     for name, add in (("greedy_keep", False), ("greedy_add", True)):
-        ui[name].click(decide(add), inputs=[ui["task_id"], ui["greedy_walk"]], outputs=greedy_outputs,
+        ui[name].click(decide(add), inputs=[ui["task_id"], ui["greedy_walk"], ui["page"]], outputs=greedy_outputs,
                        **_page_hook(ui[name], "mergeLabTask", in_webui))  # fmt: skip
     ui["greedy_save"].click(
-        lambda recipe: experiments.save_recipe_file(host, recipe, "find a greedy soup"),
-        inputs=[ui["greedy_recipe"]], outputs=[result],
+        lambda recipe, page: experiments.save_recipe_file(host, recipe, "find a greedy soup", page_owner(page)),
+        inputs=[ui["greedy_recipe"], ui["page"]], outputs=[result],
     )  # fmt: skip
 
 
@@ -321,8 +331,9 @@ def wire_recipe_events(host: AppHost, ui: dict, fields: list) -> None:
             return gr.update(value=None), f"Not saved: {err}"
 
     ui["save_recipe"].click(save, inputs=fields, outputs=[ui["recipe_file"], ui["recipe_note"]], queue=False)
+    upload_dirs = method_controls.upload_folders(ui["load_recipe"])
     ui["load_recipe"].upload(
-        lambda upload, method: method_controls.load_recipe(upload, ALL_FIELDS, method),
+        lambda upload, method: method_controls.load_recipe(upload, ALL_FIELDS, method, upload_dirs),
         inputs=[ui["load_recipe"], ui["interp_method"]], outputs=[*fields, ui["recipe_note"], ui["loading_recipe"]],
     )  # fmt: skip
 
@@ -345,7 +356,17 @@ def _request_fields(named: dict) -> dict:
     return fields
 
 
-def _merge(host: AppHost, fields: dict, task_id: str, open_txt2img: bool, progress) -> str:
+def page_owner(page: dict) -> str:
+    """This page's id, made at its first use and kept in its state, so Cancel on this page stops
+    only the jobs this page started (gradio hands each event the page's same state object)."""
+    return page.setdefault("owner", uuid.uuid4().hex)
+
+
+def _cancel(host: AppHost, page: dict) -> None:
+    host.interrupt(page_owner(page))
+
+
+def _merge(host: AppHost, fields: dict, task_id: str, owner: str, open_txt2img: bool, progress) -> str:
     """The result panel's HTML; the data attributes tell the page script what to do next."""
 
     def show(update) -> None:
@@ -353,12 +374,12 @@ def _merge(host: AppHost, fields: dict, task_id: str, open_txt2img: bool, progre
 
     try:
         request, load = actions.request_from_fields(fields)
-        outcome = actions.run_merge(host, request, load=load, task_id=task_id or "", on_progress=show)
+        outcome = actions.run_merge(host, request, load=load, task_id=task_id or "", owner=owner, on_progress=show)
     except MergeError as err:
         return error_html(str(err))
     except Exception as err:  # the tab shows a message, never a traceback; the log keeps it
         log.exception("Merge Lab: merge failed")
-        return error_html(f"internal error: {type(err).__name__}: {err}")
+        return error_html(f"internal error: {brief(err)}")
     return done_html(outcome.message(), title=outcome.title, loaded=outcome.loaded, open_txt2img=bool(open_txt2img))
 
 

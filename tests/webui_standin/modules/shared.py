@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 from modules import devices
 
-cmd_opts = SimpleNamespace(ckpt_dir=None, api_auth=None, no_hashing=False)
+cmd_opts = SimpleNamespace(ckpt_dir=None, api_auth=None, no_hashing=False, disable_extension_access=False)
 config_filename = "config.json"
 
 
