@@ -38,9 +38,8 @@ def _body_model():
     fields: dict[str, Any] = {"id_task": (str, "")}
     for name in actions.WEBUI_FIELDS + actions.EXTRA_FIELDS:
         kind = Union[int, str] if name == "config_source" else hints[name]  # index or label  # noqa: UP007
-        kind = (
-            Any if kind is float else kind
-        )  # MergeRequest checks it: pydantic's float() of a 400-digit number is a 500
+        # Numbers are MergeRequest's to check: pydantic's float() of a 400-digit number raises a 500.
+        kind = Any if kind is float else kind
         default = defaults[name]
         fields[name] = (kind, ... if default is dataclasses.MISSING else default)
     fields["load"] = (bool, False)

@@ -247,3 +247,59 @@ def test_a_recipe_with_an_unknown_method_is_named_and_changes_nothing(page, serv
     assert value(page, "merge_lab_secondary") == "beta.safetensors"
     assert float(value(page, "merge_lab_multiplier")) == 0.3
     assert value(page, "merge_lab_custom_name") == ""
+
+
+def test_behind_auth_the_browser_logs_in_once_and_the_whole_tab_works(tmp_path):
+    """--auth protects every route, gradio's queue websocket included: the tab still merges and
+    loads a recipe in a real browser that was given the credentials, and shows nothing without them."""
+    folder = tmp_path / "models"
+    make(folder / "alpha.safetensors", seed=1)
+    make(folder / "beta.safetensors", seed=2)
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lib_merge.app", "--models", str(folder), "--port", str(port),
+         "--auth", "alice:Grüße aus Köln"],
+        cwd=ROOT, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for_announcement(server)
+        url = f"http://127.0.0.1:{port}/"
+        with playwright.sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            stranger = browser.new_page()
+            assert stranger.goto(url).status == 401
+            assert stranger.locator("#merge_lab_merge").count() == 0
+            context = browser.new_context(http_credentials={"username": "alice", "password": "Grüße aus Köln"})
+            page = context.new_page()
+            page.goto(url)
+            page.wait_for_selector("#merge_lab_merge")
+            pick(page, "merge_lab_primary", "alpha.safetensors")
+            pick(page, "merge_lab_secondary", "beta.safetensors")
+            page.locator("#merge_lab_merge").click()
+            page.locator("#merge_lab_result .merge-lab-done").wait_for(timeout=60_000)
+            assert (folder / "0.7(alpha) + 0.3(beta).safetensors").is_file()
+            recipe = write_recipe(tmp_path / "r.yaml", "soup", ["alpha.safetensors", "beta.safetensors"], {}, {}, {})
+            assert upload_recipe(page, recipe) == "Recipe loaded."
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_cancel_on_another_page_does_not_stop_this_pages_merge(page, served, tmp_path):
+    """Two browser pages on one app: the second's Cancel is not for the first's merge (a page's
+    jobs belong to it); the first's own Cancel, pressed with nothing running, stops nothing later."""
+    folder, url = served
+    other = page.context.browser.new_page()  # someone else's page
+    other.goto(url)
+    other.wait_for_selector("#merge_lab_merge")
+    other.locator("#merge_lab_cancel").click()  # nothing of this page's is running: it is a no-op
+    pick(page, "merge_lab_primary", "alpha.safetensors")
+    pick(page, "merge_lab_secondary", "beta.safetensors")
+    page.locator("#merge_lab_custom_name textarea").fill("not-cancelled")
+    page.locator("#merge_lab_merge").click()
+    other.locator("#merge_lab_cancel").click()
+    page.locator("#merge_lab_result .merge-lab-done").wait_for(timeout=60_000)
+    assert (folder / "not-cancelled.safetensors").is_file()
+    other.close()

@@ -147,7 +147,7 @@ def test_read_metadata_reads_only_checkpoints_in_the_folder(models, tmp_path):
 
 def test_an_upload_must_come_from_gradios_upload_folder(tmp_path):
     pytest.importorskip("gradio")
-    from lib_merge.ui.method_controls import read_upload
+    from lib_merge.ui.method_controls import uploaded_path
 
     uploads = tmp_path / "gradio"
     (uploads / "abc").mkdir(parents=True)
@@ -155,7 +155,7 @@ def test_an_upload_must_come_from_gradios_upload_folder(tmp_path):
     good.write_text("merge: {method: soup, models: [a.safetensors, b.safetensors]}\n")
     secret = tmp_path / "secret.yaml"
     secret.write_text("SECRET")
-    assert "soup" in read_upload(SimpleNamespace(name=str(good), orig_name=str(good)), [uploads])
+    assert uploaded_path(SimpleNamespace(name=str(good), orig_name=str(good)), [uploads]) == good
     copied = uploads / "abc" / "copy.yaml"  # gradio's copy of a path the client named
     copied.write_text("SECRET")
     for upload in (
@@ -165,10 +165,20 @@ def test_an_upload_must_come_from_gradios_upload_folder(tmp_path):
         SimpleNamespace(name=str(uploads / "abc" / ".." / ".." / "secret.yaml"), orig_name=None),
     ):
         with pytest.raises(RequestError, match="not a file uploaded from this page"):
-            read_upload(upload, [uploads])
-    (uploads / "abc" / "big.yaml").write_bytes(b"#" * 1_000_001)
-    with pytest.raises(RequestError, match="kB"):
-        read_upload(str(uploads / "abc" / "big.yaml"), [uploads])
+            uploaded_path(upload, [uploads])
+
+
+def test_the_tab_loads_an_uploaded_recipe_and_refuses_a_huge_one(tmp_path):
+    pytest.importorskip("gradio")
+    from lib_merge.ui.method_controls import load_recipe
+
+    fields = ("interp_method", "primary_model_name")
+    (tmp_path / "good.yaml").write_text("merge: {method: soup, models: [a.safetensors, b.safetensors]}\n")
+    *updates, note, _ = load_recipe(str(tmp_path / "good.yaml"), fields, "Weighted sum", [tmp_path])
+    assert note == "Recipe loaded." and updates[1]["value"] == "a.safetensors"
+    (tmp_path / "big.yaml").write_bytes(b"#" * 1_000_001)
+    *_, note, _ = load_recipe(str(tmp_path / "big.yaml"), fields, "Weighted sum", [tmp_path])
+    assert note.startswith("Could not load the recipe: ") and "over 1,000,000 bytes" in note
 
 
 def basic(user: str, password: str) -> str:

@@ -226,7 +226,7 @@ def test_names_stay_in_the_checkpoint_folder_and_cancel_stops_only_its_own_pages
     choose_a_and_b(page, f"{MERGED}_not_cancelled")
     page.locator("#merge_lab_merge").click()
     page.wait_for_selector("#tab_merge_lab .progressDiv")
-    other = page.context.new_page()  # a second browser tab on the same webui: someone else's page
+    other = page.context.browser.new_page()  # someone else's page on the same webui
     other.goto(URL, wait_until="load")
     other.wait_for_selector("#txt2img_generate")
     open_merge_lab(other)

@@ -11,7 +11,8 @@ import gradio as gr
 from .. import blocks
 from ..errors import MergeError, RequestError
 from ..methods import BOOL, FLOATS, INT, METHODS, Param, get_method
-from ..recipe import MAX_RECIPE_BYTES, dump_recipe, parse_recipe
+from ..recipe import dump_recipe
+from ..recipe import load_recipe as read_recipe_file
 from ..tab_recipe import PARAM_NAMES, TAB_FIELDS, block_chart, controls_from_recipe
 
 # The first method that declares a parameter gives its control's range and default.
@@ -119,8 +120,7 @@ def load_recipe(upload, fields: tuple[str, ...], method_now: str, upload_dirs: l
     """Control values from an uploaded recipe, in ``fields`` order, a note, and the values for
     ``method_updates`` to apply again when the recipe changes the method (else None)."""
     try:
-        text = read_upload(upload, upload_dirs)
-        values = controls_from_recipe(parse_recipe(text, "recipe"))
+        values = controls_from_recipe(read_recipe_file(uploaded_path(upload, upload_dirs)))
     except (MergeError, KeyError, TypeError) as err:
         return [gr.update() for _ in fields] + [f"Could not load the recipe: {err}", None]
     if values is None:
@@ -140,25 +140,15 @@ def upload_folders(component) -> list[Path]:
     return [Path(folder).resolve() for folder in folders if folder]
 
 
-def read_upload(upload, upload_dirs: list[Path]) -> str:
-    """An uploaded recipe's text. gradio 3 copies whatever path a client names as an "uploaded"
-    file, so the name the client gave must lie in gradio's upload folder too: a client cannot make
-    the tab read /etc/passwd or a model. Read up to the recipe size cap only."""
+def uploaded_path(upload, upload_dirs: list[Path]) -> Path:
+    """The file of an upload. gradio 3 copies whatever path a client names as an "uploaded" file,
+    so the name the client gave must lie in gradio's upload folder too: a client cannot make the
+    tab read /etc/passwd or a model."""
     named = [getattr(upload, "orig_name", None), getattr(upload, "name", upload)]
     for path in (Path(str(name)).resolve() for name in named if name):
         if not any(path.is_relative_to(folder) for folder in upload_dirs):
             raise RequestError("recipe: not a file uploaded from this page; use the Load recipe button")
-    try:
-        with open(Path(getattr(upload, "name", upload)), "rb") as file:
-            data = file.read(MAX_RECIPE_BYTES + 1)
-    except OSError as err:
-        raise RequestError(f"recipe: the upload cannot be read ({err.strerror})") from None
-    if len(data) > MAX_RECIPE_BYTES:
-        raise RequestError(f"recipe: over {MAX_RECIPE_BYTES // 1000} kB; a recipe is a few lines of YAML")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise RequestError("recipe: not UTF-8 text (a recipe is YAML or JSON)") from None
+    return Path(getattr(upload, "name", upload))
 
 
 __all__ = ["TAB_FIELDS", "build_blocks", "build_params", "build_recipe", "load_recipe", "method_updates", "save_recipe"]
