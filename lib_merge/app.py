@@ -93,10 +93,12 @@ def create_app(host: FolderHost, credentials: Credentials | None = None):
 
     app = FastAPI(title="Merge Lab")
     add_routes(app, host)
-    app = gr.mount_gradio_app(app, build_tab(host).queue(), path="/")
+    tab = build_tab(host).queue()
+    app = gr.mount_gradio_app(app, tab, path="/")
     app.add_middleware(GradioFilesOnly)
     if credentials:
-        app.add_middleware(BasicAuthMiddleware, credentials=credentials)
+        queue_token = getattr(getattr(tab, "_queue", None), "access_token", "")  # set by the mount
+        app.add_middleware(BasicAuthMiddleware, credentials=credentials, internal_token=queue_token)
     return app
 
 

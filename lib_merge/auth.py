@@ -65,15 +65,19 @@ class BasicAuthMiddleware:
     no route behind; a browser asks for the login once and sends it with each request after.
     """
 
-    def __init__(self, app, credentials: Credentials):
+    def __init__(self, app, credentials: Credentials, internal_token: str = ""):
         self.app = app
         self.credentials = credentials
+        # gradio 3's queue runs each job by calling the app's own predict route with a secret
+        # "Bearer" token of its own: that call is the server's, not a client's.
+        self.internal = f"Bearer {internal_token}".encode() if internal_token else b""
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-        if check_basic_auth(header, self.credentials):
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        internal = bool(self.internal) and hmac.compare_digest(header, self.internal)
+        if internal or check_basic_auth(header.decode("latin-1"), self.credentials):
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # before accept: the handshake gets a 403

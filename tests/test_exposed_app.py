@@ -286,6 +286,7 @@ def test_auth_protects_the_page_and_every_route_and_takes_non_ascii_passwords(wo
                 basic("alice", "wrong"),
                 basic("mallory", "pässwörd:with:colons"),
                 {"Authorization": "Basic !!"},
+                {"Authorization": "Bearer guessed"},
             ):
                 response = httpx.request(method, url + path, headers=headers, json={}, timeout=30)
                 assert response.status_code == 401, (method, path, headers, response.status_code)

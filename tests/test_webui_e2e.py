@@ -231,6 +231,8 @@ def test_names_stay_in_the_checkpoint_folder_and_cancel_stops_only_its_own_pages
     other.wait_for_selector("#txt2img_generate")
     open_merge_lab(other)
     other.locator("#merge_lab_cancel").click()
+    other.wait_for_timeout(1000)  # the Cancel event has reached the server
+    assert call("/sdapi/v1/progress?skip_current_image=true")[1]["state"]["job"] == "merge-lab"  # still merging
     page.locator("#merge_lab_result .merge-lab-done").last.wait_for(state="attached", timeout=900_000)
     assert (
         f"Saved and loaded: {MERGED}_not_cancelled.safetensors" in page.locator("#merge_lab_result").last.inner_text()
