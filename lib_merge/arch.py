@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 from .channels import UNET_INPUT_KEY, variant_of
@@ -51,3 +52,15 @@ def describe(keys: Iterable[str], shape_of: Callable[[str], tuple[int, ...]]) ->
         if variant:
             return f"{family} {variant}"
     return family
+
+
+def key_layout(keys: Iterable[str], shown: int = 3) -> str:
+    """How a file's keys are laid out, for messages: its commonest top-level prefixes and one key,
+    e.g. ``model.* (780 keys), text_encoders.* (392), vae.* (244); e.g. model.diffusion_model.img_in.bias``."""
+    keys = list(keys)
+    if not keys:
+        return "no keys"
+    counts = Counter(key.split(".")[0] + (".*" if "." in key else "") for key in keys)
+    groups = [f"{prefix} ({count} keys)" for prefix, count in counts.most_common(shown)]
+    more = f" and {len(counts) - shown} more prefixes" if len(counts) > shown else ""
+    return f"{', '.join(groups)}{more}; e.g. {sorted(keys)[0]}"

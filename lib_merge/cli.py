@@ -57,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "models", nargs="+", metavar="MODEL", help="the method's inputs in order (a quoted glob expands)"
     )
-    merge.add_argument("--method", default="weighted-sum", choices=[m.cli_name for m in METHODS.values()])
+    merge.add_argument(
+        "--method",
+        default="weighted-sum",
+        type=method_name,
+        choices=[m.cli_name for m in METHODS.values()],
+        help="the merge method, spelled as here, as in recipes (task_arithmetic) or as in the tab (Weighted sum)",
+    )
     merge.add_argument("--alpha", type=float, help="the multiplier M (default: the method's own)")
     merge.add_argument("--base", help="the base model of task-vector methods (task-arithmetic, ties, dare ...)")
     merge.add_argument(
@@ -104,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--full-size", action="store_true", help="real SD1.5 shapes (2.1 GB per file)")
     demo.set_defaults(run=run_demo)
     return parser
+
+
+def method_name(text: str) -> str:
+    """A method in any spelling the project uses (recipe ``task_arithmetic``, CLI ``task-arithmetic``,
+    tab label ``Task arithmetic``), as the CLI spells it."""
+    try:
+        return get_method(text.strip()).cli_name
+    except RequestError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("interp_method: ")) from None
 
 
 def request_from_args(args) -> MergeRequest:

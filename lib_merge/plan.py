@@ -284,8 +284,22 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     if note:
         plan.notes.append(note)
     if not single and not any(job.kind == "merge" for job in jobs):
-        plan.notes.append("the inputs have no mergeable key in common: the output is a copy of A")
+        plan.problems.insert(0, _nothing_merged(readers, discard is not None))
     return plan
+
+
+def _nothing_merged(readers: dict[str, CheckpointReader], discarding: bool) -> IncompatibleModelsError:
+    """A merge whose output would be a copy of A is almost always a mistake (two key layouts, a
+    discard pattern taking everything): refused, saying which."""
+    a, others = readers["A"], {role: r for role, r in readers.items() if role != "A"}
+    if any(key in r for r in others.values() for key in a.keys()):
+        reason = "discard_weights leaves no key to merge" if discarding else "no key they share can be merged"
+        return IncompatibleModelsError(f"nothing would be merged: {reason}; the output would be a copy of A")
+    layouts = "; ".join(f"{role}: {arch.key_layout(r.keys())}" for role, r in readers.items())
+    return IncompatibleModelsError(
+        f"nothing would be merged: the inputs have no key in common (their keys are laid out differently: "
+        f"{layouts}); the output would be a copy of A"
+    )
 
 
 def _check_input_hashes(tree, roles, sources, known, host, hash_inputs, problems) -> None:

@@ -19,6 +19,30 @@ TAB_FIELDS = ("more_models", *(f"param_{name}" for name in PARAM_NAMES), "block_
 MODEL_FIELDS = ("primary_model_name", "secondary_model_name", "tertiary_model_name")
 
 
+def pickers_text(method) -> str:
+    """Which of the tab's model pickers a method uses, exactly: ``Uses A and B (C is not used).``,
+    ``Uses base = A, then models = B, C and More models (at least 2).``"""
+    letters = ["A", "B", "C"]
+    fixed = method.inputs[:-1] if method.variadic else method.inputs
+    named = [
+        letter if role in ("a", "b", "c") else f"{role} = {letter}"
+        for role, letter in zip(fixed, letters, strict=False)
+    ]
+    if not method.variadic:
+        unused = letters[len(fixed) :]  # More models is hidden for these methods
+        text = "Uses " + (_and(named) if len(named) > 1 else f"{named[0]} only")
+        if unused:
+            text += f" ({_and(unused)} {'is' if len(unused) == 1 else 'are'} not used)"
+        return text + "."
+    rest = _and([*letters[len(fixed) :], "More models"])
+    group = f"{method.inputs[-1]} = {rest} (at least {method.variadic})"
+    return f"Uses {_and(named)}, then {group}." if named else f"Uses {group}."
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def recipe_from_controls(fields: dict) -> dict | None:
     """The recipe the controls describe, or None when the built-in's own fields say it all."""
     method = get_method(fields.get("interp_method") or "")

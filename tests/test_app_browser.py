@@ -304,3 +304,20 @@ def test_cancel_on_another_page_does_not_stop_this_pages_merge(page, served, tmp
     page.locator("#merge_lab_result .merge-lab-done").wait_for(timeout=60_000)
     assert (folder / "not-cancelled.safetensors").is_file()
     other.close()
+
+
+def test_the_line_under_the_method_says_exactly_which_pickers_it_uses(page, served):
+    about = page.locator("#merge_lab_method_about").last  # gradio 3 repeats the id inside the block
+    expected = {
+        "Weighted sum": "Uses A and B (C is not used).",
+        "Add difference": "Uses A, B and C.",
+        "No interpolation": "Uses A only (B and C are not used).",
+        "TIES": "Uses base = A, then models = B, C and More models (at least 1).",
+        "Model soup": "Uses models = A, B, C and More models (at least 2).",
+    }
+    for label, text in expected.items():
+        page.get_by_role("radio", name=label, exact=True).check()
+        page.wait_for_function(
+            "t => document.querySelector('#merge_lab_method_about').innerText.includes(t)", arg=text, timeout=10_000
+        )
+        assert "then More models:" not in about.inner_text()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import SDXL, make
 
 
@@ -155,3 +156,49 @@ def test_terminal_progress_bar_draws_and_ends_its_line():
     text = stream.getvalue()
     assert "\r[#####.....] 1/2 keys" in text and "[##########] 2/2 keys" in text
     assert "note: moved to the CPU" in text and text.endswith("\n")
+
+
+@pytest.mark.parametrize("spelling", ["task_arithmetic", "task-arithmetic", "Task arithmetic"])
+def test_a_method_is_taken_as_recipes_the_cli_and_the_tab_spell_it(models, tmp_path, spelling):
+    """A method name copied from a recipe (task_arithmetic) works on the command line too."""
+    out = tmp_path / "ta.safetensors"
+    done = cli("merge", models / "a.safetensors", models / "b.safetensors", "--method", spelling, "-o", out)
+    assert done.returncode == 0, done.stderr
+    assert (
+        json.loads(cli("inspect", out, "--json").stdout)["sd_merge_recipe"]["merge_lab_recipe"]["merge"]["method"]
+        == "task_arithmetic"
+    )
+
+
+def test_an_unknown_method_is_refused_listing_the_known_ones(models, tmp_path):
+    done = cli("merge", models / "a.safetensors", models / "b.safetensors", "--method", "ta", "-o", tmp_path / "x")
+    assert done.returncode == 2 and "unknown merge method 'ta'" in done.stderr and "task-arithmetic" in done.stderr
+
+
+FLUX_KEYS = ("double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_mlp.0.bias", "single_blocks.0.linear1.weight")
+
+
+def test_a_merge_that_would_merge_nothing_is_refused_naming_both_key_layouts(tmp_path):
+    """A full Flux checkpoint (model.diffusion_model.* keys) and a bare transformer (the same keys
+    without the prefix): the preflight used to say "Ready to merge." and write a copy of A."""
+    from lib_merge.io.readers import TensorSpec
+
+    spec = TensorSpec(torch.float16, (4, 4))
+    full = make(tmp_path / "full.safetensors", specs={f"model.diffusion_model.{k}": spec for k in FLUX_KEYS}, seed=1)
+    bare = make(tmp_path / "bare.safetensors", specs=dict.fromkeys(FLUX_KEYS, spec), seed=2)
+    out = tmp_path / "out.safetensors"
+    dry = cli("merge", full, bare, "-o", out, "--dry-run")
+    assert dry.returncode == 1 and "Ready to merge" not in dry.stdout
+    assert "A: model.* (3 keys); e.g. model.diffusion_model.double_blocks" in dry.stdout
+    assert "B: double_blocks.* (2 keys), single_blocks.* (1 keys); e.g. double_blocks.0" in dry.stdout
+    done = cli("merge", full, bare, "-o", out)
+    assert done.returncode == 1 and "nothing would be merged" in done.stderr and "no key in common" in done.stderr
+    assert not out.exists()
+    assert cli("merge", full, "--method", "no_interpolation", "-o", out).returncode == 0  # a copy on purpose
+
+
+def test_a_discard_pattern_that_takes_every_key_is_refused(models, tmp_path):
+    done = cli(
+        "merge", models / "a.safetensors", models / "b.safetensors", "--discard", ".", "-o", tmp_path / "x.safetensors"
+    )
+    assert done.returncode == 1 and "discard_weights leaves no key to merge" in done.stderr

@@ -20,7 +20,7 @@ from ..host import AppHost
 from ..io.readers import open_checkpoint
 from ..methods import METHODS, get_method
 from ..request import CONFIG_SOURCES, FORMATS
-from ..tab_recipe import PARAM_NAMES, TAB_FIELDS, block_chart, recipe_from_controls
+from ..tab_recipe import PARAM_NAMES, TAB_FIELDS, block_chart, pickers_text, recipe_from_controls
 from . import experiments, method_controls
 from .messages import done_html, error_html
 
@@ -410,7 +410,7 @@ def _guarded(compute):
 def _describe(label: str) -> str:
     method = get_method(label)
     summary = " ".join(method.doc.split("\n\n")[0].split())
-    return f"{summary} Models, in order A, B, C, then More models: {method.inputs_text()}."
+    return f"{summary} {pickers_text(method)}"
 
 
 def _page_hook(button: gr.Button, function: str, in_webui: bool) -> dict:
