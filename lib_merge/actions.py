@@ -129,6 +129,8 @@ class TryOutcome:
     recipe: dict
     seconds: float
     notes: list[str] = field(default_factory=list)
+    # Where the time went: preflight_s (headers, input hashes), merge_s (read, compute, copy in).
+    timings: dict[str, float] = field(default_factory=dict)
 
     def message(self) -> str:
         return (
@@ -145,7 +147,8 @@ def run_try(host: AppHost, request: MergeRequest, *, task_id: str = "", owner: s
     with host.job(task_id, owner=owner):
         result = host.try_merge(request, progress=host.report, should_stop=host.should_stop)
     notes = [f"{len(result.missing)} merged keys are not in the loaded model"] if result.missing else []
-    return TryOutcome(result.name, result.recipe_hash, result.recipe, time.perf_counter() - started, notes)
+    seconds = time.perf_counter() - started
+    return TryOutcome(result.name, result.recipe_hash, result.recipe, seconds, notes, dict(result.timings))
 
 
 def sweep_axes(host: AppHost, request: MergeRequest, x: tuple[str, str], y: tuple[str, str] | None):

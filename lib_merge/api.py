@@ -114,6 +114,7 @@ def add_routes(app: FastAPI, host: AppHost, credentials: Credentials | None = No
             "recipe_hash": outcome.recipe_hash,
             "recipe": outcome.recipe,
             "seconds": round(outcome.seconds, 3),
+            "timings": {name: round(value, 3) for name, value in outcome.timings.items()},
             "notes": outcome.notes,
         }
 

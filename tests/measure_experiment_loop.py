@@ -13,6 +13,9 @@ Same image settings everywhere (txt2img, 64x64, 2 steps, fixed seed). Medians of
   switch = switching the loaded model rand_a -> rand_b (options) + txt2img;      target <= 1.5x
   sweep5 = POST /merge-lab/v1/sweep over 5 alphas, over sweep1 = the same sweep over 1 alpha;
                                                                                     target <= 5x + 10%
+Before the medians, the first clicks after the start, the ones people judge: the first switch to
+rand_b + txt2img, then (rand_a loaded again) the first Try + txt2img, with the Try's own breakdown.
+--cold drops the page cache before each (root only), so each reads its files from the disk.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main() -> int:
     parser.add_argument("--url", help="a webui already running, with Merge Lab installed")
     parser.add_argument("--port", type=int, default=7861)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each first click (root)")
     args = parser.parse_args()
     if not args.url and not args.webui:
         print("skipped: give --webui PATH (or MERGE_LAB_WEBUI) or --url of a running webui")
@@ -47,7 +51,7 @@ def main() -> int:
     url = args.url or f"http://127.0.0.1:{args.port}"
     started = None if args.url else start(Path(args.webui), args.port)
     try:
-        figures = measure(url, args.repeats)
+        figures = measure(url, args.repeats, args.cold)
     finally:
         if started is not None:
             subprocess.run(["bash", str(KIT / "stop.sh"), str(started)], check=False)
@@ -63,18 +67,28 @@ def start(webui: Path, port: int) -> Path:
     return webui
 
 
-def measure(url: str, repeats: int) -> dict[str, list[float]]:
+def measure(url: str, repeats: int, cold: bool = False) -> dict[str, list[float]]:
     def timed(path: str, body: dict) -> float:
         began = time.perf_counter()
-        call(url, path, body)
+        answers[path] = call(url, path, body)
         return time.perf_counter() - began
 
     def load(name: str) -> float:
         return timed("/sdapi/v1/options", {"sd_model_checkpoint": name})
 
+    answers: dict[str, dict] = {}
     figures: dict[str, list[float]] = {"switch": [], "try": [], "sweep1": [], "sweep5": []}
     load("rand_a.safetensors")
     timed("/sdapi/v1/txt2img", IMAGE)  # warm-up: first-image costs are not the loop's
+    drop_page_cache(cold)
+    first_switch = load("rand_b.safetensors") + timed("/sdapi/v1/txt2img", IMAGE)
+    load("rand_a.safetensors")
+    drop_page_cache(cold)
+    first_try = timed("/merge-lab/v1/try", {**MODELS, "multiplier": 0.29})
+    breakdown = answers["/merge-lab/v1/try"].get("timings", {})
+    figures["first switch"] = [first_switch]
+    figures["first try"] = [first_try + timed("/sdapi/v1/txt2img", IMAGE)]
+    print(f"first Try: {first_try:.2f} s ({', '.join(f'{k} {v:.2f} s' for k, v in breakdown.items())})")
     for repeat in range(repeats):
         load("rand_a.safetensors")
         figures["switch"].append(load("rand_b.safetensors") + timed("/sdapi/v1/txt2img", IMAGE))
@@ -90,6 +104,13 @@ def measure(url: str, repeats: int) -> dict[str, list[float]]:
     return figures
 
 
+def drop_page_cache(cold: bool) -> None:
+    """With --cold: every file is read from the disk again, as after a reboot (needs root)."""
+    if cold:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def call(url: str, path: str, body: dict) -> dict:
     request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST")
     request.add_header("Content-Type", "application/json")
@@ -101,6 +122,8 @@ def report(figures: dict[str, list[float]]) -> None:
     median = {name: statistics.median(values) for name, values in figures.items()}
     for name, values in figures.items():
         print(f"{name:7s} median {median[name]:6.2f} s   runs: {', '.join(f'{v:.2f}' for v in values)}")
+    first_ratio = median["first try"] / median["first switch"]
+    print(f"First click: Try -> first image / switch + generate: {first_ratio:.2f}x")
     try_ratio = median["try"] / median["switch"]
     sweep_ratio = median["sweep5"] / median["sweep1"]
     print(f"Try -> first image / switch + generate: {try_ratio:.2f}x (target <= 1.5x)")
