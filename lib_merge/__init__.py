@@ -7,8 +7,10 @@ result = merge(MergeRequest("a.safetensors", "b.safetensors", multiplier=0.5), h
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future
 
 import torch
 
@@ -117,16 +119,42 @@ def merge_into(
 
     started = time.perf_counter()
     device = _device(request, host)
-    plan = make_plan(request, host, open_input=inputs.open if inputs is not None else open_checkpoint)
+    # The recipe names each input by its sha256, a full read of each file. Unless the recipe already
+    # names hashes (checked before merging: a different file under a known name is never merged),
+    # the inputs are hashed on another thread while the merge reads the same files, not before it.
+    hash_first = any(ref.sha256 for ref in request.root().models())
+    open_input = inputs.open if inputs is not None else open_checkpoint
+    plan = make_plan(request, host, hash_inputs=hash_first, open_input=open_input)
     try:
         plan.check(ignore_output=True)
         planned = time.perf_counter()
+        wants_hashes = not hash_first and request.save_metadata and request.add_merge_recipe
+        hashes = _hash_meanwhile(plan, host) if wants_hashes else None
         missing, notes = engine.run_into(plan, device, target, progress=progress, should_stop=should_stop)
+        tree = plan.tree.with_refs(hashes.result()) if hashes is not None else plan.tree
     finally:
         plan.close()
-    recipe = recipe_dict(request, plan.tree)
+    recipe = recipe_dict(request, tree)
     timings = {"preflight_s": planned - started, "merge_s": time.perf_counter() - planned}
     return InPlaceResult(plan.output.stem, recipe, recipe_hash(recipe), missing, timings, notes)
+
+
+def _hash_meanwhile(plan: Plan, host: Host) -> Future:
+    """The inputs' hashes as recipe refs (name -> ModelRef with sha256), computed on a thread of
+    their own; the host's cache makes a file hashed once ever, not at every Try."""
+    from .recipe import ModelRef
+
+    future: Future = Future()
+
+    def compute() -> None:
+        try:
+            checkpoints = [source.checkpoint for source in plan.sources.values()]
+            future.set_result({c.name: ModelRef(c.name, host.sha256(c)) for c in checkpoints})
+        except BaseException as err:  # handed to the merging thread, which raises it
+            future.set_exception(err)
+
+    threading.Thread(target=compute, name="merge-lab-hash", daemon=True).start()
+    return future
 
 
 def _device(request: MergeRequest, host: Host) -> str:

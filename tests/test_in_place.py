@@ -11,7 +11,7 @@ import torch
 from conftest import SD15, load, make
 from image_host import sd15_module
 
-from lib_merge import CancelledError, IncompatibleModelsError, InputCache, MergeRequest, merge, merge_into
+from lib_merge import CancelledError, IncompatibleModelsError, InputCache, MergeError, MergeRequest, merge, merge_into
 from lib_merge.recipe import recipe_dict, recipe_hash, request_from_recipe
 from lib_merge.steps import SKIP_ON_MERGE
 
@@ -128,3 +128,37 @@ def test_a_replaced_input_file_is_read_afresh(host, models):
     expected = sd15_module()
     merge_into(weighted(), host, expected.state_dict())
     assert all(torch.equal(t, expected.state_dict()[k]) for k, t in module.state_dict().items())
+
+
+def test_a_try_hashes_its_inputs_while_it_merges_not_before(host, models):
+    """The first Try of a file used to wait for its sha256 (seconds per GB) before merging a byte.
+
+    The host's hashing waits until the merge has reported progress: hashed first, it would time out.
+    """
+    import threading
+
+    merging = threading.Event()
+    hash_file = host.sha256
+
+    def sha256_once_merging(checkpoint):
+        assert merging.wait(timeout=30), "the inputs were hashed before the merge started"
+        return hash_file(checkpoint)
+
+    host.sha256 = sha256_once_merging
+    module = sd15_module()
+    result = merge_into(weighted(), host, module.state_dict(), progress=lambda _update: merging.set())
+    saved = merge(weighted("saved"), host)  # hashes before writing (the recipe is in the file's header)
+    refs = result.recipe["merge"]["models"]
+    assert [ref["sha256"] for ref in refs] == [saved.recipe["merge_lab_recipe"]["merge"]["models"][i]["sha256"]
+                                                for i in range(2)]  # fmt: skip
+    assert all(len(ref["sha256"]) == 64 for ref in refs)
+
+
+def test_a_recipe_that_names_hashes_is_checked_before_anything_is_merged(host, models):
+    module = sd15_module()
+    before = {k: t.clone() for k, t in module.state_dict().items()}
+    recipe = recipe_dict(weighted())
+    recipe["merge"]["models"][1] = {"model": "b.safetensors", "sha256": "0" * 64}
+    with pytest.raises(MergeError, match="different file"):
+        merge_into(request_from_recipe(recipe), host, module.state_dict())
+    assert all(torch.equal(before[k], t) for k, t in module.state_dict().items())  # nothing written in
