@@ -222,16 +222,16 @@ def test_names_stay_in_the_checkpoint_folder_and_cancel_stops_only_its_own_pages
         assert 400 <= status < 500 and field in answer["detail"] and "\n" not in answer["detail"], answer
     assert call("/merge-lab/v1/cancel", {"id_task": "nobody"}) == (200, {"cancelled": False})
 
+    other = page.context.browser.new_page()  # someone else's page on the same webui, open first
+    other.goto(URL, wait_until="load")
+    other.wait_for_selector("#txt2img_generate")
+    open_merge_lab(other)
     open_merge_lab(page)
     choose_a_and_b(page, f"{MERGED}_not_cancelled")
     page.locator("#merge_lab_merge").click()
     page.wait_for_selector("#tab_merge_lab .progressDiv")
-    other = page.context.browser.new_page()  # someone else's page on the same webui
-    other.goto(URL, wait_until="load")
-    other.wait_for_selector("#txt2img_generate")
-    open_merge_lab(other)
     other.locator("#merge_lab_cancel").click()
-    other.wait_for_timeout(1000)  # the Cancel event has reached the server
+    other.wait_for_timeout(300)  # the Cancel event has reached the server
     assert call("/sdapi/v1/progress?skip_current_image=true")[1]["state"]["job"] == "merge-lab"  # still merging
     page.locator("#merge_lab_result .merge-lab-done").last.wait_for(state="attached", timeout=900_000)
     assert (
