@@ -357,18 +357,6 @@ def test_the_plan_sizes_a_ckpt_output_as_torch_writes_it(host):
     assert safetensors_layout < real <= estimate <= 1.1 * real + (64 << 10)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 1 MiB tmpfs, so the disk really fills up (needs root, which CI has)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_disk_filling_up_while_a_ckpt_is_saved_gives_the_clear_message(models, tmp_path, small_disk):
     host = FolderHost(models, output_dir=small_disk, hash_cache=tmp_path / "h.json", device="cpu")
     filler = small_disk / "filler"

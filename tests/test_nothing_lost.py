@@ -4,7 +4,6 @@ import contextlib
 import hashlib
 import os
 import pickle
-import subprocess
 import uuid
 
 import pytest
@@ -129,18 +128,6 @@ def test_cancel_between_tensors_leaves_no_file(host, models):
         )
     assert len(seen) == 10
     assert leftovers(models) == []
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 1 MiB tmpfs, so the disk really fills up (needs root, which CI has)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_not_enough_space_is_refused_before_writing(models, tmp_path, small_disk):
