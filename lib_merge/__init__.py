@@ -24,7 +24,7 @@ from .errors import (
     RequestError,
     UnsafePickleError,
 )
-from .host import Checkpoint, FolderHost, Host
+from .hosts import Checkpoint, FolderHost, Host
 from .io.input_cache import InputCache
 from .io.metadata import copy_config
 from .io.readers import open_checkpoint

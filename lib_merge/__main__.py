@@ -1,4 +1,4 @@
-"""``python -m lib_merge``: the command line (see lib_merge/cli.py)."""
+"""``python -m lib_merge``: the command line (see lib_merge/cli/main.py)."""
 
 import sys
 

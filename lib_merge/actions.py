@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import arch, loop, merge
+from . import arch, merge
 from .errors import MergeError, RequestError, brief
-from .host import AppHost
+from .hosts import AppHost
 from .io.readers import open_checkpoint
+from .loop import runner
+from .loop.sweep import parse_axis
 from .plan import make_plan
 from .recipe import parse_recipe, request_from_recipe
 from .request import MergeRequest
-from .sweep import parse_axis
 
 # The built-in run_modelmerger's parameters after id_task, then Merge Lab's own options.
 WEBUI_FIELDS = tuple(f.name for f in dataclasses.fields(MergeRequest))[:15]
@@ -168,10 +169,10 @@ def family_of(host: AppHost, request: MergeRequest) -> str:
 
 
 def run_sweep(host, request: MergeRequest, x, y, settings, *, task_id: str = "", owner: str = "", on_cell=None):
-    """A sweep in the host's loaded model (lib_merge.loop.run_sweep); a host without one refuses."""
+    """A sweep in the host's loaded model (lib_merge.loop.runner.run_sweep); a host without one refuses."""
     if not hasattr(host, "generate"):
         raise RequestError("Sweeps merge into the webui's loaded model and generate with it; here there is none")
-    return loop.run_sweep(host, request, x, y, settings, task_id=task_id, owner=owner, on_cell=on_cell)
+    return runner.run_sweep(host, request, x, y, settings, task_id=task_id, owner=owner, on_cell=on_cell)
 
 
 def read_metadata(host: AppHost, names: list[str]) -> str:

@@ -20,9 +20,9 @@ from pydantic import create_model
 from . import actions, arch
 from .auth import Credentials, check_basic_auth
 from .errors import CancelledError, IncompatibleModelsError, MergeError, OutputError, RequestError, brief
-from .host import AppHost
+from .hosts import AppHost
 from .io.readers import open_checkpoint
-from .loop import ImageSettings
+from .loop.runner import ImageSettings
 from .methods import METHODS
 from .request import MergeRequest
 

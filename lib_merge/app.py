@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .auth import BasicAuthMiddleware, Credentials, parse_pair, read_auth_file
-from .host import FolderHost
+from .hosts import FolderHost
 from .io.writer import remove_leftovers
 
 DEMO_MODELS = (("demo_a", 1), ("demo_b", 2), ("demo_c", 3))

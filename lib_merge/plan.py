@@ -17,7 +17,7 @@ import torch
 
 from . import arch, blocks, names
 from .errors import IncompatibleModelsError, InputError, MergeError, OutputError, RequestError
-from .host import Checkpoint, Host
+from .hosts import Checkpoint, Host
 from .io import metadata as meta
 from .io.readers import CheckpointReader, TensorSpec, open_checkpoint
 from .io.writer import safetensors_header

@@ -2,9 +2,9 @@
 
 from modules import script_callbacks
 
-from lib_merge import webui_host
+from lib_merge.hosts import webui
 
-script_callbacks.on_ui_tabs(webui_host.on_ui_tabs)
-script_callbacks.on_ui_settings(webui_host.on_ui_settings)
-script_callbacks.on_app_started(webui_host.on_app_started)
-script_callbacks.on_before_ui(webui_host.on_before_ui)
+script_callbacks.on_ui_tabs(webui.on_ui_tabs)
+script_callbacks.on_ui_settings(webui.on_ui_settings)
+script_callbacks.on_app_started(webui.on_app_started)
+script_callbacks.on_before_ui(webui.on_before_ui)

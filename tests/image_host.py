@@ -1,5 +1,5 @@
 """ImageHost: a FolderHost with a loaded model to merge into and "generate" with, for tests of the
-experiment loop (lib_merge.loop) without a webui.
+experiment loop (lib_merge.loop.runner) without a webui.
 
 It stands in for WebuiHost, whose loaded model and image generation need the real webui (run by
 tests/test_webui_e2e.py when MERGE_LAB_WEBUI is set). The model is a torch module with a tensor
@@ -21,7 +21,7 @@ from PIL import Image
 from lib_merge import FolderHost, merge_into
 from lib_merge.errors import CancelledError
 from lib_merge.io.readers import open_checkpoint
-from lib_merge.loop import Generated
+from lib_merge.loop.runner import Generated
 
 
 def sd15_module(dtype=torch.float16, without=()) -> torch.nn.Module:

@@ -145,7 +145,7 @@ def test_cuda_without_a_gpu_is_a_clear_error(models, tmp_path):
 def test_terminal_progress_bar_draws_and_ends_its_line():
     import io
 
-    from lib_merge.cli import TerminalProgress
+    from lib_merge.cli.main import TerminalProgress
     from lib_merge.engine import Progress
 
     stream = io.StringIO()

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from lib_merge.errors import CancelledError, RequestError
-from lib_merge.greedy_soup import GreedyStep, GreedyWalk, greedy_soup, load_scorer
+from lib_merge.loop.greedy_soup import GreedyStep, GreedyWalk, greedy_soup, load_scorer
 from lib_merge.recipe import MergeNode, ModelRef, recipe_dict, request_from_recipe
 from lib_merge.request import MergeRequest
 

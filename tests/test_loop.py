@@ -1,4 +1,4 @@
-"""The experiment loop's sweep (lib_merge.loop.run_sweep) over tests/image_host.py's ImageHost:
+"""The experiment loop's sweep (lib_merge.loop.runner.run_sweep) over tests/image_host.py's ImageHost:
 real checkpoints on disk merged into a real torch module; images stand in for the webui's."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from image_host import ImageHost, sd15_module
 
 from lib_merge import MergeRequest, merge_into
-from lib_merge.loop import ImageSettings, run_sweep
-from lib_merge.sweep import parse_axis
+from lib_merge.loop.runner import ImageSettings, run_sweep
+from lib_merge.loop.sweep import parse_axis
 
 SETTINGS = ImageSettings(prompt="a cat", seed=-1, width=8, height=8)
 

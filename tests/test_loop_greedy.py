@@ -1,4 +1,4 @@
-"""Greedy soups in the experiment loop (lib_merge.loop) over tests/image_host.py's ImageHost: each
+"""Greedy soups in the experiment loop (lib_merge.loop.runner) over tests/image_host.py's ImageHost: each
 soup really merged into a torch module, images made from it, scored by a deterministic scorer."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from image_host import ImageHost, sd15_module
 
 from lib_merge import merge, merge_into
 from lib_merge.errors import RequestError
-from lib_merge.greedy_soup import GreedyWalk
 from lib_merge.io.readers import open_checkpoint
-from lib_merge.loop import ImageSettings, finish_walk, greedy_pair, run_greedy_soup, soup_request
+from lib_merge.loop.greedy_soup import GreedyWalk
+from lib_merge.loop.runner import ImageSettings, finish_walk, greedy_pair, run_greedy_soup, soup_request
 from lib_merge.recipe import recipe_dict, request_from_recipe
 
 A, B, C = "a.safetensors", "b.safetensors", "c.safetensors"

@@ -16,7 +16,7 @@ from conftest import make
 from lib_merge import FolderHost, MergeRequest, actions, merge
 from lib_merge.auth import check_basic_auth, parse_pair, read_auth_file
 from lib_merge.errors import InputError, MergeError, RequestError
-from lib_merge.loop import ImageSettings
+from lib_merge.loop.runner import ImageSettings
 from lib_merge.names import NAME_MAX_BYTES, TEMP_NAME_OVERHEAD, inside, output_file_name, relative_name, shorten
 
 ROOT = Path(__file__).resolve().parents[1]

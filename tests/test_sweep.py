@@ -3,8 +3,8 @@
 import pytest
 
 from lib_merge import MergeRequest, RequestError
+from lib_merge.loop.sweep import MAX_VALUES, SweepAxis, parse_axis, plan_sweep, point_name
 from lib_merge.recipe import MergeNode, ModelRef, recipe_dict, request_from_recipe
-from lib_merge.sweep import MAX_VALUES, SweepAxis, parse_axis, plan_sweep, point_name
 
 BUILTIN = MergeRequest("a.safetensors", "b.safetensors", interp_method="Weighted sum", multiplier=0.3)
 TIES_TREE = MergeNode(

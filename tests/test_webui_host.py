@@ -18,8 +18,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import make
 
-from lib_merge import actions, xyz_axes
+from lib_merge import actions
 from lib_merge.errors import CancelledError, InputError, RequestError
+from lib_merge.loop import xyz_axes
 
 STANDIN = Path(__file__).parent / "webui_standin"
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def webui(tmp_path, monkeypatch):
     """A fresh stand-in webui whose checkpoint folder (--ckpt-dir) holds a.safetensors and b.safetensors."""
-    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")] + ["lib_merge.webui_host"]:
+    for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")] + ["lib_merge.hosts.webui"]:
         monkeypatch.delitem(sys.modules, name, raising=False)
     monkeypatch.syspath_prepend(str(STANDIN))
     folder = tmp_path / "Stable-diffusion"
@@ -43,10 +44,10 @@ def webui(tmp_path, monkeypatch):
     modules.shared.cmd_opts.ckpt_dir = str(folder)
     modules.sd_models.list_models()
     modules.folder = folder
-    modules.host_module = importlib.import_module("lib_merge.webui_host")
+    modules.host_module = importlib.import_module("lib_merge.hosts.webui")
     yield modules
     # the webui_host module object must not outlive its stand-in modules in sys.modules
-    monkeypatch.delitem(sys.modules, "lib_merge.webui_host", raising=False)
+    monkeypatch.delitem(sys.modules, "lib_merge.hosts.webui", raising=False)
 
 
 @pytest.fixture

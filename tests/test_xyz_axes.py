@@ -17,8 +17,8 @@ import pytest
 from lib_merge import MergeRequest
 from lib_merge.arch import SD1, SDXL
 from lib_merge.errors import InputError, RequestError
+from lib_merge.loop.xyz_axes import ALPHA, BLOCK_PRESET, LABELS, MERGE_COST, RECIPE, add_axes, find_xyz_module
 from lib_merge.recipe import MergeNode, ModelRef, dump_recipe, recipe_dict, request_from_recipe
-from lib_merge.xyz_axes import ALPHA, BLOCK_PRESET, LABELS, MERGE_COST, RECIPE, add_axes, find_xyz_module
 
 STANDIN = Path(__file__).parent / "webui_standin"
 XYZ_FILE = STANDIN / "xyz_grid_standin.py"

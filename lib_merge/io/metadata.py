@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OutputError, RequestError
-from ..host import Checkpoint, legacy_hash
+from ..hosts import Checkpoint, legacy_hash
 from ..methods import get_method
 from ..recipe import MergeNode, ModelRef, recipe_dict
 from ..request import MergeRequest
@@ -75,7 +75,7 @@ def merge_recipe(
     whole recipe (tree and output fields) under ``merge_lab_recipe``, from which it replays.
 
     The user's metadata is stored once, as the file's own fields: the recipe keeps only their names
-    (``metadata_fields``), and replay reads the values back from the file (cli_recipes.recipe_of).
+    (``metadata_fields``), and replay reads the values back from the file (cli.recipes.recipe_of).
     """
     hashes = [i.sha256 for i in inputs] + [None] * (3 - len(inputs))
     builtin_fields = request.tree is None

@@ -13,12 +13,13 @@ from dataclasses import asdict
 
 import gradio as gr
 
-from .. import actions, loop
+from .. import actions
 from ..errors import MergeError, RequestError, brief
-from ..greedy_soup import GreedyWalk, load_scorer
+from ..loop import runner
+from ..loop.greedy_soup import GreedyWalk, load_scorer
+from ..loop.sweep import BLOCKS
 from ..methods import BOOL, FLOAT, INT, get_method
 from ..recipe import recipe_dict, request_from_recipe
-from ..sweep import BLOCKS
 from .messages import done_html, error_html
 
 log = logging.getLogger("merge_lab")
@@ -44,7 +45,7 @@ def build_try(host) -> dict:
 def build_sweep(host) -> dict:
     """Axes, image settings, the Sweep button, and the grid with each cell's recipe at hand."""
     samplers = host.samplers() if hasattr(host, "samplers") else []
-    defaults = loop.ImageSettings()
+    defaults = runner.ImageSettings()
     with gr.Accordion("Sweep: an X/Y grid of images", open=False, visible=can_try(host), elem_id="merge_lab_sweep"):
         with gr.Row():
             x_param = gr.Dropdown(sweep_params("Weighted sum"), value="alpha", label="X: parameter",
@@ -128,7 +129,7 @@ def restore(host, owner: str) -> str:
 def run_sweep(host, fields: dict, axes: dict, image: dict, task_id: str, owner: str, progress) -> tuple:
     """(gallery images, result HTML, cell dropdown update, {cell label: recipe})."""
 
-    def show(cell: loop.Cell) -> None:
+    def show(cell: runner.Cell) -> None:
         progress((len(shown) + 1, total), desc=f"generated {cell.label}")
         shown.append(cell)
 
@@ -159,10 +160,10 @@ def run_sweep(host, fields: dict, axes: dict, image: dict, task_id: str, owner: 
     )
 
 
-def _image_settings(image: dict) -> loop.ImageSettings:
+def _image_settings(image: dict) -> runner.ImageSettings:
     """The image fields as settings; gr.Number gives floats, and all but CFG are whole numbers."""
     whole = {name: int(image[name]) for name in ("seed", "steps", "width", "height")}
-    return loop.ImageSettings(**{**{name: image[name] for name in IMAGE_FIELDS}, **whole,
+    return runner.ImageSettings(**{**{name: image[name] for name in IMAGE_FIELDS}, **whole,
                                  "cfg_scale": float(image["cfg_scale"])})  # fmt: skip
 
 
@@ -213,7 +214,7 @@ def start_greedy(
             return _next_pair(host, state, task_id, owner)
         _can_run_code(host)
         scorer = load_scorer(scorer_text)
-        outcome = loop.run_greedy_soup(host, candidates or [], prompts, settings, scorer, scorer_name=scorer_text.strip(),
+        outcome = runner.run_greedy_soup(host, candidates or [], prompts, settings, scorer, scorer_name=scorer_text.strip(),
                                        task_id=task_id, owner=owner, on_step=show)  # fmt: skip
     except MergeError as err:
         return _greedy_view(message=error_html(str(err)))
@@ -234,8 +235,8 @@ def decide_greedy(host, state: dict | None, add: bool, task_id: str, owner: str)
         state = {**state, "walk": walk.state()}
         if not walk.done:
             return _next_pair(host, state, task_id, owner)
-        settings = loop.ImageSettings(**state["settings"])
-        outcome = loop.finish_walk(host, walk, state["prompts"], settings, task_id=task_id, owner=owner)
+        settings = runner.ImageSettings(**state["settings"])
+        outcome = runner.finish_walk(host, walk, state["prompts"], settings, task_id=task_id, owner=owner)
     except MergeError as err:
         return _greedy_view(message=error_html(str(err)), state=gr.update(), pending=True)
     except Exception as err:
@@ -248,8 +249,8 @@ def decide_greedy(host, state: dict | None, add: bool, task_id: str, owner: str)
 def _next_pair(host, state: dict, task_id: str, owner: str) -> tuple:
     walk = GreedyWalk(**state["walk"])
     soup, with_candidate = walk.pending()
-    settings = loop.ImageSettings(**state["settings"])
-    images = loop.greedy_pair(host, walk, state["prompts"], settings, task_id=task_id, owner=owner)
+    settings = runner.ImageSettings(**state["settings"])
+    images = runner.greedy_pair(host, walk, state["prompts"], settings, task_id=task_id, owner=owner)
     step = len(walk.decisions) + 1
     message = (
         f"Greedy soup, step {step} of {len(walk.candidates) - 1} (seed {settings.seed}): "
@@ -259,7 +260,7 @@ def _next_pair(host, state: dict, task_id: str, owner: str) -> tuple:
     return _greedy_view(*soups, message=done_html(message), state=state, pending=True)
 
 
-def _finished(outcome: loop.GreedyOutcome, prompts: list[str]) -> tuple:
+def _finished(outcome: runner.GreedyOutcome, prompts: list[str]) -> tuple:
     recipe = recipe_dict(outcome.request) if outcome.request is not None else None
     return _greedy_view(_captioned(outcome.images, prompts), [], message=done_html(outcome.message()), recipe=recipe)
 

@@ -13,7 +13,7 @@ from ..errors import MergeError, RequestError
 from ..methods import BOOL, FLOATS, INT, METHODS, Param, get_method
 from ..recipe import dump_recipe
 from ..recipe import load_recipe as read_recipe_file
-from ..tab_recipe import PARAM_NAMES, TAB_FIELDS, block_chart, controls_from_recipe
+from .recipe_fields import PARAM_NAMES, TAB_FIELDS, block_chart, controls_from_recipe
 
 # The first method that declares a parameter gives its control's range and default.
 PARAMS: dict[str, Param] = {}

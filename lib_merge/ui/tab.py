@@ -16,13 +16,13 @@ import gradio as gr
 
 from .. import actions, arch
 from ..errors import MergeError, brief
-from ..host import AppHost
+from ..hosts import AppHost
 from ..io.readers import open_checkpoint
 from ..methods import METHODS, get_method
 from ..request import CONFIG_SOURCES, FORMATS
-from ..tab_recipe import PARAM_NAMES, TAB_FIELDS, block_chart, pickers_text, recipe_from_controls
 from . import experiments, method_controls
 from .messages import done_html, error_html
+from .recipe_fields import PARAM_NAMES, TAB_FIELDS, block_chart, pickers_text, recipe_from_controls
 
 log = logging.getLogger("merge_lab")
 NO_VAE = "None"

@@ -1,5 +1,5 @@
 """A stand-in for the webui's built-in X/Y/Z plot, scripts/xyz_grid.py (v1.10.1), for tests of
-lib_merge.xyz_axes ONLY. Written from reading that file, not copied from it.
+lib_merge.loop.xyz_axes ONLY. Written from reading that file, not copied from it.
 
 What it mirrors: ``AxisOption(label, type, apply, format_value=format_value_add_label, confirm=None,
 cost=0.0, choices=None, prepare=None)``; the module level ``axis_options`` list (here a few built-in

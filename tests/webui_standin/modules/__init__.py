@@ -1,4 +1,4 @@
-"""A stand-in for the webui's ``modules`` package, for tests of lib_merge.webui_host ONLY.
+"""A stand-in for the webui's ``modules`` package, for tests of lib_merge.hosts.webui ONLY.
 
 The webui (AUTOMATIC1111 v1.10.1) cannot be installed from a package registry, so the adapter's
 contract is tested against these small modules, which copy the behaviour the adapter relies on:

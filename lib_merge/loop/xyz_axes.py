@@ -19,11 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .blocks import presets
-from .errors import MergeError, RequestError, shown
-from .names import relative_name
-from .recipe import load_recipe, request_from_recipe
-from .request import MergeRequest
+from ..blocks import presets
+from ..errors import MergeError, RequestError, shown
+from ..names import relative_name
+from ..recipe import load_recipe, request_from_recipe
+from ..request import MergeRequest
 from .sweep import BLOCKS, parse_axis, plan_sweep, value_text
 
 LABELS = ("Merge Lab: alpha", "Merge Lab: recipe", "Merge Lab: block preset")
@@ -42,7 +42,7 @@ _DECIMALS = 10
 
 
 class XyzSession(Protocol):
-    """What the axes need from the webui adapter (``webui_host.py`` implements it over the loaded model)."""
+    """What the axes need from the webui adapter (``hosts/webui.py`` implements it over the loaded model)."""
 
     def base(self) -> MergeRequest:
         """The merge last tried or set up in the Merge Lab tab, which the alpha and preset axes vary.

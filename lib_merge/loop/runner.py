@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import CancelledError, MergeError, RequestError, brief, shown
+from ..errors import CancelledError, MergeError, RequestError, brief, shown
+from ..hosts import AppHost
+from ..io.input_cache import InputCache
+from ..request import MergeRequest
 from .greedy_soup import USER, GreedySoupResult, GreedyWalk, greedy_soup, soup_node
-from .host import AppHost
-from .io.input_cache import InputCache
-from .request import MergeRequest
 from .sweep import SweepAxis, SweepPoint, plan_sweep, point_name
 
 MAX_SEED = 2**32 - 1

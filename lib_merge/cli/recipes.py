@@ -6,11 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
-from .errors import RequestError
-from .host import FolderHost
-from .io.readers import open_checkpoint
-from .methods import FLOATS, METHODS
-from .recipe import load_recipe, request_from_recipe
+from ..errors import RequestError
+from ..hosts import FolderHost
+from ..io.readers import open_checkpoint
+from ..methods import FLOATS, METHODS
+from ..recipe import load_recipe, request_from_recipe
 
 
 def add_commands(commands, run_request) -> None:

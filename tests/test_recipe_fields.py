@@ -4,7 +4,7 @@ import pytest
 
 from lib_merge.errors import RequestError
 from lib_merge.recipe import request_from_recipe
-from lib_merge.tab_recipe import PARAM_NAMES, block_chart, controls_from_recipe, recipe_from_controls
+from lib_merge.ui.recipe_fields import PARAM_NAMES, block_chart, controls_from_recipe, recipe_from_controls
 
 
 def controls(**values):

@@ -19,9 +19,9 @@ from modules import call_queue, devices, hashes, images, processing, sd_hijack, 
 from modules import progress as webui_progress
 from PIL import Image
 
-from .errors import CancelledError, InputError, RequestError
-from .host import Checkpoint, devices_here, hash_file
-from .loop import Generated, ImageSettings
+from ..errors import CancelledError, InputError, RequestError
+from ..loop.runner import Generated, ImageSettings
+from . import Checkpoint, devices_here, hash_file
 
 MERGE_JOB = "merge-lab"  # shared.state.job while a merge runs
 
@@ -129,7 +129,7 @@ class WebuiHost:
         makes the webui drop prompt conditionings cached for the old text encoder. The request is
         kept on that info (``tried_request``): the same request again costs nothing.
         """
-        from . import merge_into
+        from .. import merge_into
 
         _refuse_what_try_cannot_do()
         self._switch(next(request.root().models()).name)  # no reload when it is loaded (or tried on) already
@@ -288,7 +288,7 @@ class XyzSession:
         self.host.try_merge(request)  # inside the plot's generation: the queue lock is held already
 
     def family(self) -> str:
-        from .actions import family_of
+        from ..actions import family_of
 
         return family_of(self.host, self.base())
 
@@ -301,7 +301,7 @@ def on_before_ui() -> None:
     """Merge Lab's axes in the built-in X/Y/Z plot, before the plot builds its UI from its list."""
     from modules import scripts
 
-    from .xyz_axes import add_axes, find_xyz_module
+    from ..loop.xyz_axes import add_axes, find_xyz_module
 
     xyz = find_xyz_module(scripts.scripts_data)
     if xyz is not None:
@@ -310,7 +310,7 @@ def on_before_ui() -> None:
 
 def on_ui_tabs():
     """The tab, built over this host; the webui calls this once per UI (re)load."""
-    from .ui.tab import build_tab
+    from ..ui.tab import build_tab
 
     return [(build_tab(WebuiHost(), in_webui=True), "Merge Lab", "merge_lab")]
 
@@ -318,8 +318,8 @@ def on_ui_tabs():
 def on_app_started(_demo, app) -> None:
     """The API routes on the webui's own FastAPI app, behind --api-auth when the webui has it; and
     the temp files of merges that were killed (kill -9, a crash) removed from the checkpoint folder."""
-    from .api import add_routes
-    from .io.writer import remove_leftovers
+    from ..api import add_routes
+    from ..io.writer import remove_leftovers
 
     host = WebuiHost()
     add_routes(app, host, host.api_auth() or None)

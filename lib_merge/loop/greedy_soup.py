@@ -17,8 +17,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import CancelledError, RequestError, brief
-from .recipe import MergeNode, ModelRef
+from ..errors import CancelledError, RequestError, brief
+from ..recipe import MergeNode, ModelRef
 
 ALGORITHM = "greedy_soup"
 USER = "user"  # the scorer's name in a record when the user picked at each step

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import html
 
-from . import blocks
-from .io.metadata import BUILTIN_METHODS
-from .methods import FLOATS, METHODS, get_method
-from .recipe import OUTPUT_FIELDS, VERSION, MergeNode, ModelRef, node_from_dict
+from .. import blocks
+from ..io.metadata import BUILTIN_METHODS
+from ..methods import FLOATS, METHODS, get_method
+from ..recipe import OUTPUT_FIELDS, VERSION, MergeNode, ModelRef, node_from_dict
 
 PARAM_NAMES = tuple(dict.fromkeys(name for m in METHODS.values() for name in m.params if name != "alpha"))
 # The tab's own fields, after the request's, in the order its merge event receives them.

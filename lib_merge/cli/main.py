@@ -11,15 +11,16 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from . import arch, cli_recipes
-from .engine import Progress
-from .errors import MergeError, RequestError, brief
-from .host import FolderHost
-from .io.metadata import BUILTIN_METHODS
-from .io.readers import open_checkpoint
-from .methods import METHODS, get_method
-from .recipe import MergeNode, ModelRef, dump_recipe
-from .request import MergeRequest
+from .. import arch
+from ..engine import Progress
+from ..errors import MergeError, RequestError, brief
+from ..hosts import FolderHost
+from ..io.metadata import BUILTIN_METHODS
+from ..io.readers import open_checkpoint
+from ..methods import METHODS, get_method
+from ..recipe import MergeNode, ModelRef, dump_recipe
+from ..request import MergeRequest
+from . import recipes
 
 CONFIG_CHOICES = {"abc": 0, "b": 1, "c": 2, "none": 3}
 EXIT_FAILED, EXIT_INTERNAL, EXIT_CANCELLED = 1, 3, 130
@@ -98,10 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(run=run_inspect)
 
-    cli_recipes.add_commands(commands, run_request)
+    recipes.add_commands(commands, run_request)
 
     bench = commands.add_parser("bench", help="time this engine against the I/O floor and a load-everything merge")
-    from .bench import add_arguments
+    from ..bench import add_arguments
 
     add_arguments(bench)
 
@@ -195,7 +196,7 @@ def run_merge(args) -> int:
 
 def run_request(request: MergeRequest, host: FolderHost, args) -> int:
     """Merge (or with --dry-run only preflight) and print the output path and its sha256."""
-    from . import make_plan, merge
+    from .. import make_plan, merge
 
     if args.dry_run:
         plan = make_plan(request, host)
@@ -265,7 +266,7 @@ def run_inspect(args) -> int:
 
 
 def run_demo(args) -> int:
-    from . import synthetic
+    from .. import synthetic
 
     args.dir.mkdir(parents=True, exist_ok=True)
     specs = synthetic.layout("sd15")

@@ -12,12 +12,12 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from .arch import SD1
-from .blocks import finite_number, parse_blocks
-from .errors import RequestError
-from .methods import BOOL, FLOAT, INT, Method, Param, get_method
-from .recipe import MergeNode
-from .request import MergeRequest
+from ..arch import SD1
+from ..blocks import finite_number, parse_blocks
+from ..errors import RequestError
+from ..methods import BOOL, FLOAT, INT, Method, Param, get_method
+from ..recipe import MergeNode
+from ..request import MergeRequest
 
 MAX_VALUES = 64
 BLOCKS = "blocks:"
