@@ -1,5 +1,5 @@
 // Merge Lab's page-side parts, and nothing else: the progress bar while a merge, a try or a sweep
-// runs, the top "Stable Diffusion checkpoint" dropdown after it, switching to txt2img, and reading
+// runs, the top checkpoint dropdown after it (the webui's or Forge's), switching to txt2img, and reading
 // txt2img's settings for a sweep. The webui injects
 // this file; the functions it calls (randomId, requestProgress, selectCheckpoint,
 // switch_to_txt2img, onUiUpdate, gradioApp) are the webui's own.
@@ -70,7 +70,9 @@ onUiUpdate(function() {
         return;
     }
     done.setAttribute("data-seen", "1");
-    var refresh = gradioApp().getElementById("refresh_sd_model_checkpoint");
+    // The top dropdown's refresh button: the webui's, or Forge's own Checkpoint dropdown's.
+    var refresh = gradioApp().getElementById("refresh_sd_model_checkpoint") ||
+        gradioApp().getElementById("forge_refresh_checkpoint");
     if (refresh) {
         refresh.click(); // the new checkpoint joins the top dropdown's choices
     }

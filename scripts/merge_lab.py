@@ -1,10 +1,13 @@
-"""Merge Lab in the webui: registers its tab, settings, API routes and X/Y/Z plot axes; the rest lives in lib_merge."""
+"""Merge Lab in the webui or in Forge: picks the host, then registers the tab, settings, API routes and
+X/Y/Z plot axes over it; the rest lives in lib_merge."""
 
-from modules import script_callbacks
+from modules import sd_models
 
 from lib_merge.hosts import webui
 
-script_callbacks.on_ui_tabs(webui.on_ui_tabs)
-script_callbacks.on_ui_settings(webui.on_ui_settings)
-script_callbacks.on_app_started(webui.on_app_started)
-script_callbacks.on_before_ui(webui.on_before_ui)
+if hasattr(sd_models, "forge_model_reload"):  # Forge loads models its own way (sd_models.load_model is a stub)
+    from lib_merge.hosts.forge import ForgeHost as Host
+else:
+    Host = webui.WebuiHost
+
+webui.register_callbacks(Host)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 import uuid
 from collections.abc import Iterator
@@ -97,8 +98,12 @@ class WebuiHost:
         """
         title = self._switch(name)
         if self.tried_request() is not None:
-            sd_models.reload_model_weights(forced_reload=True)
+            self._reload_from_file()
         return title
+
+    def _reload_from_file(self) -> None:
+        """Load the current checkpoint afresh from its file, whatever the loaded model holds."""
+        sd_models.reload_model_weights(forced_reload=True)
 
     def _switch(self, name: str) -> str:
         """Set the option and reload the weights (nothing happens when that file is loaded already).
@@ -119,26 +124,59 @@ class WebuiHost:
         return title
 
     def try_merge(self, request, *, progress=None, should_stop=None, inputs=None):
-        """The merge streamed into the loaded model, no file: the primary is loaded the webui's way,
+        """The merge streamed into the loaded model, no file: the primary is loaded the host's way,
         then each merged tensor is copied into its weights in place (``lib_merge.merge_into``).
 
-        Keys without "model" in their name are never merged (the built-in's rule), so the primary's
-        values, which the webui may have adjusted after loading (the alphas schedule), stay. The
-        model keeps the primary's file name, so generating does not reload it; a fresh checkpoint
+        The model keeps the primary's file name, so generating does not reload it; a fresh checkpoint
         info names the merge in the infotext (Model: its name, Model hash: its recipe hash) and
-        makes the webui drop prompt conditionings cached for the old text encoder. The request is
-        kept on that info (``tried_request``): the same request again costs nothing.
+        makes the host drop prompt conditionings cached for the old text encoder. The request is
+        kept on that info (``tried_request``): the same request again costs nothing. After an error
+        or a cancel, the primary is reloaded from its file: half-merged weights are never kept.
         """
         from .. import merge_into
 
-        _refuse_what_try_cannot_do()
-        self._switch(next(request.root().models()).name)  # no reload when it is loaded (or tried on) already
+        self._refuse_what_try_cannot_do()
+        primary = next(request.root().models()).name
+        self._switch(primary)  # no reload when it is loaded (or tried on) already
         model = shared.sd_model
         previous = getattr(model.sd_checkpoint_info, TRIED, None)
         if previous is not None and previous[0] == request:
             return previous[1]
-        keep_vae = sd_vae.loaded_vae_file is not None  # a VAE chosen in settings wins over the checkpoint's
-        sd_hijack.model_hijack.undo_hijack(model)  # the state dict under its checkpoint key names
+        try:
+            with self._live_weights(model, self.resolve(primary)) as (weights, left_out):
+                result = merge_into(request, self, weights, progress=progress, should_stop=should_stop, inputs=inputs)
+        except BaseException:
+            self._reload_from_file()
+            raise
+        result.missing = [key for key in result.missing if key not in left_out]  # left out on purpose: not missing
+        tried = copy.copy(model.sd_checkpoint_info)
+        tried.name_for_extra = result.name
+        setattr(tried, TRIED, (request, result))
+        model.sd_checkpoint_info = tried
+        model.sd_model_hash = result.recipe_hash
+        return result
+
+    def _refuse_what_try_cannot_do(self) -> None:
+        """Cases where weights written in place would differ from loading the merged file: refused."""
+        if devices.fp8:
+            raise RequestError("Try: the model is held in fp8 (FP8 weight setting); save the merge and load it instead")
+        if getattr(shared.opts, "sd_checkpoints_limit", 1) > 1:
+            raise RequestError(
+                "Try: the webui keeps several checkpoints loaded (Maximum number of checkpoints loaded at the same "
+                "time > 1), and would reuse the tried model as the primary; set it to 1 or save the merge instead"
+            )
+
+    @contextlib.contextmanager
+    def _live_weights(self, model, primary: Checkpoint):
+        """The loaded model's tensors under checkpoint key names, and the keys deliberately left as loaded.
+
+        Keys without "model" in their name are never merged (the built-in's rule), so the primary's
+        values, which the webui may have adjusted after loading (the alphas schedule), stay; nor is
+        the VAE when one chosen in settings overrides the checkpoint's. The hijack is undone for the
+        merge, so the state dict has the checkpoint's key names.
+        """
+        keep_vae = sd_vae.loaded_vae_file is not None
+        sd_hijack.model_hijack.undo_hijack(model)
         try:
             state = model.state_dict()
             weights = {
@@ -146,20 +184,10 @@ class WebuiHost:
                 for key, tensor in state.items()
                 if "model" in key and not (keep_vae and key.startswith("first_stage_model."))
             }
-            result = merge_into(request, self, weights, progress=progress, should_stop=should_stop, inputs=inputs)
-            result.missing = [key for key in result.missing if key not in state]  # left out on purpose: not missing
-        except BaseException:
+            yield weights, set(state) - set(weights)
+        finally:
             sd_hijack.model_hijack.hijack(model)
-            sd_models.reload_model_weights(forced_reload=True)  # half-merged weights are not kept
-            raise
-        sd_hijack.model_hijack.hijack(model)
         _forget_weight_backups(model)
-        tried = copy.copy(model.sd_checkpoint_info)
-        tried.name_for_extra = result.name
-        setattr(tried, TRIED, (request, result))
-        model.sd_checkpoint_info = tried
-        model.sd_model_hash = result.recipe_hash
-        return result
 
     def tried_request(self):
         """The request merged into the loaded model, or None when it holds a checkpoint as loaded."""
@@ -169,7 +197,7 @@ class WebuiHost:
 
     def restore(self) -> str:
         """Reload the loaded checkpoint from its file (a tried merge is dropped); returns its title."""
-        sd_models.reload_model_weights(forced_reload=True)
+        self._reload_from_file()
         return shared.sd_model.sd_checkpoint_info.title
 
     def samplers(self) -> list[str]:
@@ -297,7 +325,18 @@ class XyzSession:
         return self.host.output_dir() / RECIPE_FOLDER
 
 
-def on_before_ui() -> None:
+def register_callbacks(host_class: type[WebuiHost] = WebuiHost) -> None:
+    """Merge Lab's tab, settings, API routes and X/Y/Z axes, over ``host_class``: the entry script
+    passes the webui's host or Forge's (``hosts/forge.py``), whichever it runs in."""
+    from modules import script_callbacks
+
+    script_callbacks.on_ui_tabs(functools.partial(on_ui_tabs, host_class))
+    script_callbacks.on_ui_settings(on_ui_settings)
+    script_callbacks.on_app_started(functools.partial(on_app_started, host_class=host_class))
+    script_callbacks.on_before_ui(functools.partial(on_before_ui, host_class))
+
+
+def on_before_ui(host_class: type[WebuiHost] = WebuiHost) -> None:
     """Merge Lab's axes in the built-in X/Y/Z plot, before the plot builds its UI from its list."""
     from modules import scripts
 
@@ -305,23 +344,23 @@ def on_before_ui() -> None:
 
     xyz = find_xyz_module(scripts.scripts_data)
     if xyz is not None:
-        add_axes(xyz, XyzSession(WebuiHost()))
+        add_axes(xyz, XyzSession(host_class()))
 
 
-def on_ui_tabs():
+def on_ui_tabs(host_class: type[WebuiHost] = WebuiHost):
     """The tab, built over this host; the webui calls this once per UI (re)load."""
     from ..ui.tab import build_tab
 
-    return [(build_tab(WebuiHost(), in_webui=True), "Merge Lab", "merge_lab")]
+    return [(build_tab(host_class(), in_webui=True), "Merge Lab", "merge_lab")]
 
 
-def on_app_started(_demo, app) -> None:
+def on_app_started(_demo, app, host_class: type[WebuiHost] = WebuiHost) -> None:
     """The API routes on the webui's own FastAPI app, behind --api-auth when the webui has it; and
     the temp files of merges that were killed (kill -9, a crash) removed from the checkpoint folder."""
     from ..api import add_routes
     from ..io.writer import remove_leftovers
 
-    host = WebuiHost()
+    host = host_class()
     add_routes(app, host, host.api_auth() or None)
     remove_leftovers(host.output_dir())
 
@@ -352,17 +391,6 @@ def _txt2img(settings: ImageSettings):
         batch_size=1,
         n_iter=1,
     )
-
-
-def _refuse_what_try_cannot_do() -> None:
-    """Cases where weights written in place would differ from loading the merged file: refused."""
-    if devices.fp8:
-        raise RequestError("Try: the model is held in fp8 (FP8 weight setting); save the merge and load it instead")
-    if getattr(shared.opts, "sd_checkpoints_limit", 1) > 1:
-        raise RequestError(
-            "Try: the webui keeps several checkpoints loaded (Maximum number of checkpoints loaded at the same "
-            "time > 1), and would reuse the tried model as the primary; set it to 1 or save the merge instead"
-        )
 
 
 def _forget_weight_backups(model) -> None:
