@@ -13,27 +13,22 @@ The merged files it makes (2 GB each) are deleted at the end. MERGE_LAB_SCREENSH
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import os
 import shutil
 import subprocess
 import threading
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
+from host_e2e import CHROMIUM, SHOTS, Client, pick, set_number, shot
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBUI = Path(os.environ["MERGE_LAB_WEBUI"]).resolve() if os.environ.get("MERGE_LAB_WEBUI") else None
 KIT = Path(os.environ.get("MERGE_LAB_WEBUI_KIT", ROOT.parent / "shared" / "webui-offline"))
 PORT = int(os.environ.get("MERGE_LAB_WEBUI_PORT", "7861"))
 URL = f"http://127.0.0.1:{PORT}"
-SHOTS = os.environ.get("MERGE_LAB_SCREENSHOTS")
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 MERGED = "merge_lab_e2e"
 
 if WEBUI is None:
@@ -42,15 +37,8 @@ playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.slow
 
 
-def call(path: str, body: dict | None = None, method: str | None = None) -> tuple[int, object]:
-    data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(URL + path, data=data, method=method or ("POST" if data else "GET"))
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=900) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
+call = Client(URL).call
+pixels_and_model = Client(URL).pixels_and_model
 
 
 @pytest.fixture(scope="module")
@@ -94,25 +82,6 @@ def choose_a_and_b(page, name: str) -> None:
     pick(page, "merge_lab_primary", "rand_a")
     pick(page, "merge_lab_secondary", "rand_b")
     page.locator("#merge_lab_custom_name textarea").fill(name)
-
-
-def pick(page, elem_id: str, text: str) -> None:
-    box = page.locator(f"#{elem_id} input")
-    box.click()
-    box.fill(text)
-    page.locator(f"#{elem_id} ul.options li", has_text=text).first.click()
-
-
-def set_number(page, elem_id: str, value) -> None:
-    number = page.locator(f"#{elem_id} input[type=number]")
-    number.fill(str(value))
-    number.press("Enter")
-
-
-def shot(page, name: str) -> None:
-    if SHOTS:
-        Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / name))
 
 
 class ProgressWatcher(threading.Thread):
@@ -300,19 +269,6 @@ def test_ties_with_a_block_preset_from_the_tab_and_a_soup_recipe_through_the_api
     status, answer = call("/merge-lab/v1/merge", {"recipe": recipe})
     assert status == 200, answer
     assert answer["title"].startswith(f"{MERGED}_soup.safetensors [") and not answer["loaded"]
-
-
-def pixels_and_model(body: dict) -> tuple[str, str]:
-    """txt2img through the API: a hash of the image's pixels (not of the PNG, whose text chunk holds
-    the infotext) and the infotext's Model / Model hash fields."""
-    from PIL import Image
-
-    status, answer = call("/sdapi/v1/txt2img", body)
-    assert status == 200, answer
-    image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
-    info = json.loads(answer["info"])["infotexts"][0]
-    fields = ", ".join(f for f in info.split(", ") if f.startswith("Model"))
-    return hashlib.sha256(image.tobytes()).hexdigest(), fields
 
 
 def test_try_merges_into_the_loaded_model_and_its_images_match_the_saved_file(webui):

@@ -1,0 +1,68 @@
+"""What the real-host end-to-end tests (test_webui_e2e.py, test_forge_e2e.py) share: HTTP calls to the
+host, gradio widgets driven in chromium, screenshots, and images compared by their pixels."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+SHOTS = os.environ.get("MERGE_LAB_SCREENSHOTS")
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+class Client:
+    """JSON over HTTP to a running host, with basic auth when the host has --api-auth."""
+
+    def __init__(self, url: str, auth: str | None = None):
+        self.url = url
+        self.auth = auth
+
+    def call(self, path: str, body: dict | None = None, method: str | None = None, auth: bool = True):
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method or ("POST" if data else "GET"))
+        request.add_header("Content-Type", "application/json")
+        if self.auth and auth:
+            request.add_header("Authorization", "Basic " + base64.b64encode(self.auth.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=900) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as err:
+            return err.code, json.load(err)
+
+    def pixels_and_model(self, body: dict) -> tuple[str, str]:
+        """txt2img through the API: a hash of the image's pixels (not of the PNG, whose text chunk
+        holds the infotext) and the infotext's Model / Model hash fields."""
+        from PIL import Image
+
+        status, answer = self.call("/sdapi/v1/txt2img", body)
+        assert status == 200, answer
+        image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
+        info = json.loads(answer["info"])["infotexts"][0]
+        fields = ", ".join(f for f in info.split(", ") if f.startswith("Model"))
+        return hashlib.sha256(image.tobytes()).hexdigest(), fields
+
+
+def pick(page, elem_id: str, text: str) -> None:
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    box.fill(text)
+    page.locator(f"#{elem_id} ul.options li", has_text=text).first.click()
+
+
+def set_number(page, elem_id: str, value) -> None:
+    number = page.locator(f"#{elem_id} input[type=number]")
+    number.fill(str(value))
+    number.press("Enter")
+
+
+def shot(page, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / name))

@@ -1,0 +1,164 @@
+"""Merge Lab inside a real Stable Diffusion WebUI Forge, installed and used the way a user does.
+
+Skipped unless MERGE_LAB_FORGE names a Forge folder built like ../shared/forge-offline/setup.sh builds
+one (its venv beside it, random-weight rand_a / rand_b / rand_inpaint checkpoints):
+
+    MERGE_LAB_FORGE=/path/to/forge/webui .venv/bin/python -m pytest -q tests/test_forge_e2e.py
+
+It clones this repository's committed HEAD into FORGE/extensions/merge-lab (what "Install from URL"
+does), starts Forge with the kit's start.sh (MERGE_LAB_FORGE_KIT, default ../shared/forge-offline;
+port MERGE_LAB_FORGE_PORT, default 7871) and ``--api-auth``, drives the page (gradio 4) in headless
+chromium, and stops it again. The merged files it makes are deleted at the end.
+MERGE_LAB_SCREENSHOTS=DIR keeps screenshots.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from host_e2e import CHROMIUM, Client, pick, set_number, shot
+
+ROOT = Path(__file__).resolve().parents[1]
+FORGE = Path(os.environ["MERGE_LAB_FORGE"]).resolve() if os.environ.get("MERGE_LAB_FORGE") else None
+KIT = Path(os.environ.get("MERGE_LAB_FORGE_KIT", ROOT.parent / "shared" / "forge-offline"))
+PORT = int(os.environ.get("MERGE_LAB_FORGE_PORT", "7871"))
+URL = f"http://127.0.0.1:{PORT}"
+API_AUTH = "merge:lab-Zürich"
+MERGED = "merge_lab_forge_e2e"
+IMAGE = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler"}
+A_AND_B = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
+
+if FORGE is None:
+    pytest.skip("set MERGE_LAB_FORGE=/path/to/forge/webui to run the real-Forge check", allow_module_level=True)
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.slow
+
+forge_api = Client(URL, API_AUTH)
+call = forge_api.call
+
+
+@pytest.fixture(scope="module")
+def forge():
+    """Forge running with Merge Lab cloned into its extensions; stopped and tidied afterwards."""
+    models = FORGE / "models" / "Stable-diffusion"
+    extension = FORGE / "extensions" / "merge-lab"
+    shutil.rmtree(extension, ignore_errors=True)
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(extension)], check=True)
+    before = set(models.iterdir())
+    subprocess.run(["bash", str(KIT / "start.sh"), str(FORGE), str(PORT), "--api-auth", API_AUTH], check=True)
+    try:
+        yield models
+    finally:
+        call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+        subprocess.run(["bash", str(KIT / "stop.sh"), str(FORGE)], check=False)
+        for path in set(models.iterdir()) - before:
+            path.unlink()
+
+
+@pytest.fixture
+def page(forge):
+    with playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        tab = browser.new_page(viewport={"width": 1400, "height": 1100})
+        tab.set_default_timeout(120_000)
+        tab.goto(URL, wait_until="load")
+        tab.wait_for_selector("#txt2img_generate")
+        yield tab
+        browser.close()
+
+
+def top_checkpoint(page) -> str:
+    """What Forge's own Checkpoint dropdown (no elem_id: ``.model_selection``) shows."""
+    return page.locator(".model_selection input").input_value()
+
+
+def test_the_extension_loaded_and_its_api_wants_forges_api_auth(forge):
+    log = (FORGE / "webui.log").read_text(errors="replace")
+    assert not [line for line in log.splitlines() if "Error" in line and "merge" in line.lower()]
+    status, models = call("/merge-lab/v1/models")
+    assert status == 200
+    assert {"rand_a.safetensors", "rand_b.safetensors"} <= {m["name"] for m in models}
+    assert call("/merge-lab/v1/models", auth=False)[0] == 401
+
+
+def test_merge_in_the_tab_loads_it_now_shows_it_in_forges_dropdown_and_names_it_in_the_infotext(page, forge):
+    page.locator("#tabs > .tab-nav button", has_text="Merge Lab").click()
+    pick(page, "merge_lab_primary", "rand_a")
+    pick(page, "merge_lab_secondary", "rand_b")
+    page.locator("#merge_lab_custom_name textarea").fill(MERGED)
+    page.locator("#merge_lab_save_as_half input").check()
+    page.wait_for_function(
+        "n => document.querySelector('#merge_lab_preflight textarea').value.includes(n + '.safetensors')", arg=MERGED
+    )
+    assert page.locator("#merge_lab_load input").is_checked()
+    shot(page, "forge-merge-lab-tab.png")
+    page.locator("#merge_lab_merge").click()
+    page.locator("#merge_lab_result .merge-lab-done").last.wait_for(state="attached", timeout=900_000)
+    result = page.locator("#merge_lab_result").last.inner_text()
+    assert f"Saved and loaded: {MERGED}.safetensors" in result
+
+    path = forge / f"{MERGED}.safetensors"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert f"Calculating sha256 for {path}" not in (FORGE / "webui.log").read_text(errors="replace")
+    # Loaded now, not at the next generation: Forge's own log says so before any image is made.
+    assert f"'filename': '{path}'" in (FORGE / "webui.log").read_text(errors="replace").split("Loading Model:")[-1]
+    page.wait_for_function(
+        "n => document.querySelector('.model_selection input').value === n", arg=f"{MERGED}.safetensors",
+        timeout=60_000,
+    )  # fmt: skip
+    assert call("/sdapi/v1/options")[1]["sd_model_checkpoint"] == f"{MERGED}.safetensors"
+    shot(page, "forge-merge-lab-merged.png")
+
+    page.locator("#tabs > .tab-nav button", has_text="Txt2img").click()
+    page.locator("#txt2img_prompt textarea").fill("a photo of a cat")
+    set_number(page, "txt2img_width", 64)
+    set_number(page, "txt2img_height", 64)
+    set_number(page, "txt2img_steps", 2)
+    page.locator("#txt2img_generate").click()
+    page.wait_for_function(
+        "n => document.querySelector('#html_info_txt2img')?.innerText.includes('Model: ' + n)", arg=MERGED,
+        timeout=900_000,
+    )  # fmt: skip
+    info = page.locator("#html_info_txt2img").last.inner_text()
+    assert f"Model hash: {digest[:10]}" in info and f"Model: {MERGED}" in info
+    assert top_checkpoint(page) == f"{MERGED}.safetensors"
+    shot(page, "forge-txt2img-after-merge.png")
+
+
+def test_try_images_match_the_saved_files_and_restore_goes_back_to_the_file(forge):
+    call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+    primary = forge_api.pixels_and_model(IMAGE)
+    before = sorted(p.name for p in forge.iterdir())
+
+    status, tried = call("/merge-lab/v1/try", {**A_AND_B, "multiplier": 0.4, "save_as_half": True})
+    assert status == 200, tried
+    assert sorted(p.name for p in forge.iterdir()) == before  # no file
+    with_try = forge_api.pixels_and_model(IMAGE)
+    assert with_try[1] == f"Model hash: {tried['recipe_hash']}, Model: {tried['name']}"
+    assert with_try[0] != primary[0]
+    assert forge_api.pixels_and_model(IMAGE) == with_try  # generating again does not reload the primary
+
+    status, saved = call("/merge-lab/v1/merge", {**A_AND_B, "multiplier": 0.4, "save_as_half": True,
+                                                  "custom_name": f"{MERGED}_try", "load": True})  # fmt: skip
+    assert status == 200 and saved["loaded"], saved
+    from_file = forge_api.pixels_and_model(IMAGE)
+    assert from_file[0] == with_try[0]  # pixel-identical: the tried weights are the file's
+    assert from_file[1].endswith(f"Model: {MERGED}_try")
+
+    call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+    assert forge_api.pixels_and_model(IMAGE) == primary  # back to the plain file
+
+
+def test_a_sweep_through_the_api_makes_one_image_per_point_and_a_grid(forge):
+    image = {key: IMAGE[key] for key in ("prompt", "steps", "width", "height", "seed")}
+    status, answer = call("/merge-lab/v1/sweep", {**A_AND_B, "x_param": "alpha", "x_values": "0.2, 0.8", **image})
+    assert status == 200, answer
+    assert [cell["label"] for cell in answer["cells"]] == ["alpha 0.2", "alpha 0.8"]
+    for cell in answer["cells"]:
+        assert f"Model hash: {cell['recipe_hash']}" in cell["infotext"] and f"Model: {cell['name']}" in cell["infotext"]
+    assert answer["grid"] and Path(answer["grid"]).is_file()
