@@ -48,6 +48,14 @@ class Client:
         fields = ", ".join(f for f in info.split(", ") if f.startswith("Model"))
         return hashlib.sha256(image.tobytes()).hexdigest(), fields
 
+    def xyz_index(self, label: str) -> int:
+        """The index of an axis in txt2img's X/Y/Z plot, as its x_type dropdown (type=index) lists them."""
+        status, scripts = self.call("/sdapi/v1/script-info")
+        assert status == 200
+        plot = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
+        x_type = next(arg for arg in plot["args"] if arg["label"] == "X type")
+        return x_type["choices"].index(label)
+
 
 def pick(page, elem_id: str, text: str) -> None:
     box = page.locator(f"#{elem_id} input")
@@ -66,3 +74,35 @@ def shot(page, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(Path(SHOTS) / name))
+
+
+def open_merge_lab(page) -> None:
+    page.locator("#tabs > .tab-nav button", has_text="Merge Lab").click()
+    page.locator("#merge_lab_refresh").click()  # titles gain their hash once the webui has hashed a file
+    page.wait_for_timeout(1500)
+
+
+def choose_a_and_b(page, name: str) -> None:
+    """rand_a and rand_b as A and B in the Merge Lab tab, and the output's name."""
+    pick(page, "merge_lab_primary", "rand_a")
+    pick(page, "merge_lab_secondary", "rand_b")
+    page.locator("#merge_lab_custom_name textarea").fill(name)
+
+
+def recipe_of(path: Path) -> dict:
+    """The Merge Lab recipe in a safetensors file's metadata."""
+    with path.open("rb") as file:
+        size = int.from_bytes(file.read(8), "little")
+        metadata = json.loads(file.read(size))["__metadata__"]
+    return json.loads(metadata["sd_merge_recipe"])["merge_lab_recipe"]
+
+
+def part(infotext: str, name: str) -> str:
+    """One field of an infotext's parameter line (``Model: x`` -> ``x``)."""
+    return infotext.split(name, 1)[1].split(", ")[0]
+
+
+def wait_for_result(page, text: str) -> None:
+    page.wait_for_function(
+        "t => document.querySelector('#merge_lab_result')?.innerText.includes(t)", arg=text, timeout=900_000
+    )

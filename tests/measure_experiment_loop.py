@@ -1,11 +1,14 @@
-"""Measures the experiment loop in a real webui v1.10.1 against what it replaces (issue: the loop).
+"""Measures the experiment loop in a real webui v1.10.1 or Forge against what it replaces (issue: the loop).
 
     .venv/bin/python tests/measure_experiment_loop.py --webui /path/to/webui      # starts and stops it
+    .venv/bin/python tests/measure_experiment_loop.py --forge /path/to/forge/webui  # the same in Forge
     .venv/bin/python tests/measure_experiment_loop.py --url http://127.0.0.1:7861  # one already running
 
 Without either (or MERGE_LAB_WEBUI) it says it is skipped and exits 0, so CI, which has no webui,
 runs it as a no-op. With --webui it clones this repository's HEAD into the webui's extensions (as
-"Install from URL" does) and starts it with ../shared/webui-offline/start.sh. The webui needs
+"Install from URL" does) and starts it with ../shared/webui-offline/start.sh (--forge:
+../shared/forge-offline/start.sh; Forge loads a selected model at the next image, which the switch
+figure includes either way, as it always adds the next image). The webui needs
 rand_a and rand_b checkpoints (the kit's), and is left on rand_a.
 
 Same image settings everywhere (txt2img, 64x64, 2 steps, fixed seed). Medians of --repeats runs:
@@ -32,7 +35,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-KIT = ROOT.parent / "shared" / "webui-offline"
+KITS = {"webui": ROOT.parent / "shared" / "webui-offline", "forge": ROOT.parent / "shared" / "forge-offline"}
 IMAGE = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
 MODELS = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
 
@@ -40,30 +43,33 @@ MODELS = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "r
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--webui", default=os.environ.get("MERGE_LAB_WEBUI"), help="a webui folder to start")
-    parser.add_argument("--url", help="a webui already running, with Merge Lab installed")
-    parser.add_argument("--port", type=int, default=7861)
+    parser.add_argument("--forge", default=os.environ.get("MERGE_LAB_FORGE"), help="a Forge folder to start")
+    parser.add_argument("--url", help="a webui or Forge already running, with Merge Lab installed")
+    parser.add_argument("--port", type=int, help="default 7861 (webui) or 7871 (Forge)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each first click (root)")
     args = parser.parse_args()
-    if not args.url and not args.webui:
-        print("skipped: give --webui PATH (or MERGE_LAB_WEBUI) or --url of a running webui")
+    if not (args.url or args.webui or args.forge):
+        print("skipped: give --webui PATH (or MERGE_LAB_WEBUI), --forge PATH (MERGE_LAB_FORGE) or --url")
         return 0
-    url = args.url or f"http://127.0.0.1:{args.port}"
-    started = None if args.url else start(Path(args.webui), args.port)
+    kit = KITS["forge" if args.forge and not args.webui else "webui"]
+    port = args.port or (7871 if kit == KITS["forge"] else 7861)
+    url = args.url or f"http://127.0.0.1:{port}"
+    started = None if args.url else start(kit, Path(args.webui or args.forge), port)
     try:
         figures = measure(url, args.repeats, args.cold)
     finally:
         if started is not None:
-            subprocess.run(["bash", str(KIT / "stop.sh"), str(started)], check=False)
+            subprocess.run(["bash", str(kit / "stop.sh"), str(started)], check=False)
     report(figures)
     return 0
 
 
-def start(webui: Path, port: int) -> Path:
+def start(kit: Path, webui: Path, port: int) -> Path:
     extension = webui / "extensions" / "merge-lab"
     shutil.rmtree(extension, ignore_errors=True)
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(extension)], check=True)
-    subprocess.run(["bash", str(KIT / "start.sh"), str(webui), str(port)], check=True)
+    subprocess.run(["bash", str(kit / "start.sh"), str(webui), str(port)], check=True)
     return webui
 
 

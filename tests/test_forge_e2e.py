@@ -6,7 +6,8 @@ one (its venv beside it, random-weight rand_a / rand_b / rand_inpaint checkpoint
     MERGE_LAB_FORGE=/path/to/forge/webui .venv/bin/python -m pytest -q tests/test_forge_e2e.py
 
 It clones this repository's committed HEAD into FORGE/extensions/merge-lab (what "Install from URL"
-does), starts Forge with the kit's start.sh (MERGE_LAB_FORGE_KIT, default ../shared/forge-offline;
+does), makes two random-weight SDXL checkpoints beside the kit's (merge_lab_xl_a / _b, 6.9 GB each,
+kept for the next run) with tests/make_sdxl_checkpoint.py, starts Forge with the kit's start.sh (MERGE_LAB_FORGE_KIT, default ../shared/forge-offline;
 port MERGE_LAB_FORGE_PORT, default 7871) and ``--api-auth``, drives the page (gradio 4) in headless
 chromium, and stops it again. The merged files it makes are deleted at the end.
 MERGE_LAB_SCREENSHOTS=DIR keeps screenshots.
@@ -15,13 +16,26 @@ MERGE_LAB_SCREENSHOTS=DIR keeps screenshots.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from host_e2e import CHROMIUM, Client, pick, set_number, shot
+from host_e2e import (
+    CHROMIUM,
+    Client,
+    choose_a_and_b,
+    open_merge_lab,
+    part,
+    pick,
+    recipe_of,
+    set_number,
+    shot,
+    wait_for_result,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FORGE = Path(os.environ["MERGE_LAB_FORGE"]).resolve() if os.environ.get("MERGE_LAB_FORGE") else None
@@ -32,6 +46,7 @@ API_AUTH = "merge:lab-2026"  # ASCII: FastAPI 0.104 (Forge's own routes) decodes
 MERGED = "merge_lab_forge_e2e"
 IMAGE = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler"}
 A_AND_B = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
+SDXL_INPUTS = {"merge_lab_xl_a.safetensors": 11, "merge_lab_xl_b.safetensors": 12}
 
 if FORGE is None:
     pytest.skip("set MERGE_LAB_FORGE=/path/to/forge/webui to run the real-Forge check", allow_module_level=True)
@@ -49,6 +64,10 @@ def forge():
     extension = FORGE / "extensions" / "merge-lab"
     shutil.rmtree(extension, ignore_errors=True)
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(extension)], check=True)
+    for name, seed in SDXL_INPUTS.items():
+        if not (models / name).is_file():
+            subprocess.run([sys.executable, str(ROOT / "tests" / "make_sdxl_checkpoint.py"), str(models / name),
+                            "--seed", str(seed)], check=True)  # fmt: skip
     before = set(models.iterdir())
     subprocess.run(["bash", str(KIT / "start.sh"), str(FORGE), str(PORT), "--api-auth", API_AUTH], check=True)
     try:
@@ -162,3 +181,85 @@ def test_a_sweep_through_the_api_makes_one_image_per_point_and_a_grid(forge):
     for cell in answer["cells"]:
         assert f"Model hash: {cell['recipe_hash']}" in cell["infotext"] and f"Model: {cell['name']}" in cell["infotext"]
     assert answer["grid"] and Path(answer["grid"]).is_file()
+
+
+def test_try_save_tried_a_sweep_and_a_greedy_soup_from_the_tab(page, forge):
+    page.locator("#txt2img_prompt textarea").fill("a red fox")
+    for elem_id, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_steps", 2)):
+        set_number(page, elem_id, value)
+    open_merge_lab(page)
+    choose_a_and_b(page, f"{MERGED}_tried")
+    before = sorted(p.name for p in forge.iterdir())
+    page.locator("#merge_lab_try").click()
+    wait_for_result(page, "Trying:")
+    assert f"Trying: {MERGED}_tried [" in page.locator("#merge_lab_result").last.inner_text()
+    assert sorted(p.name for p in forge.iterdir()) == before  # a try writes no file
+    page.locator("#merge_lab_save_tried").click()
+    wait_for_result(page, f"Saved: {MERGED}_tried")
+    assert recipe_of(forge / f"{MERGED}_tried.safetensors")["merge"]["params"]["alpha"] == 0.3
+
+    page.locator("#merge_lab_sweep").get_by_text("Sweep: an X/Y grid of images").click()
+    page.locator("#merge_lab_custom_name textarea").fill("")
+    page.locator("#merge_lab_x_values textarea").fill("0.1, 0.9")
+    page.locator("#merge_lab_from_txt2img").click()
+    page.wait_for_function("() => document.querySelector('#merge_lab_prompt textarea').value === 'a red fox'")
+    page.locator("#merge_lab_sweep_run").click()
+    wait_for_result(page, "Sweep: 2 points")
+    result = page.locator("#merge_lab_result").last.inner_text()
+    grid = Path(result.split("Grid: ")[1].split("\n")[0])
+    assert grid.is_file() and grid.is_relative_to(FORGE / "outputs")  # where Forge saves grids
+    assert "alpha 0.1: 0.9(rand_a) + 0.1(rand_b) [" in result and "alpha 0.9: 0.1(rand_a) + 0.9(rand_b) [" in result
+    assert page.locator("#merge_lab_gallery img").count() == 3  # the grid, then each cell
+    shot(page, "forge-merge-lab-sweep.png")
+
+    set_number(page, "merge_lab_seed", 7)
+    page.locator("#merge_lab_greedy").get_by_text("Greedy soup").click()
+    pick(page, "merge_lab_greedy_candidates", "rand_b")
+    pick(page, "merge_lab_greedy_candidates", "rand_a")
+    page.locator("#merge_lab_greedy_prompts textarea").fill("a cat")
+    page.locator("#merge_lab_greedy_start").click()
+    wait_for_result(page, "Greedy soup, step 1 of 1 (seed 7): rand_b.safetensors beside + rand_a.safetensors")
+    assert page.locator("#merge_lab_greedy_soup img").count() == 1
+    assert page.locator("#merge_lab_greedy_candidate img").count() == 1
+    page.locator("#merge_lab_greedy_add").click()
+    wait_for_result(page, "Greedy soup: rand_b.safetensors + rand_a.safetensors, seed 7")
+    shot(page, "forge-merge-lab-greedy.png")
+
+
+def test_the_xyz_plot_has_merge_lab_axes_that_vary_the_tried_merge(forge):
+    call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_b.safetensors"})
+    forge_api.pixels_and_model(IMAGE)  # Forge loads lazily: rand_b, as its file holds it, is now loaded
+    image = {**IMAGE, "script_name": "x/y/z plot"}
+    rest = [True, True, False, False, False, False, False, 0, False]  # legend, lone images, ... margin, csv
+    alpha = [forge_api.xyz_index("Merge Lab: alpha"), "0.2, 0.6", []]
+    status, answer = call("/sdapi/v1/txt2img", {**image, "script_args": [*alpha, 0, "", [], 0, "", [], *rest]})
+    assert status == 500 and "Try a merge in the Merge Lab tab first" in answer["errors"]  # refused, saying why
+
+    assert call("/merge-lab/v1/try", {**A_AND_B, "multiplier": 0.5})[0] == 200
+    cfg = [forge_api.xyz_index("CFG Scale"), "3, 7", []]
+    status, answer = call("/sdapi/v1/txt2img", {**image, "script_args": [*alpha, *cfg, 0, "", [], *rest]})
+    assert status == 200, answer
+    cells = [text for text in json.loads(answer["info"])["infotexts"] if "X Type" not in text]
+    seen = sorted((part(text, "Model: "), part(text, "CFG scale: ")) for text in cells)
+    assert seen == [
+        ("0.4(rand_a) + 0.6(rand_b)", "3.0"), ("0.4(rand_a) + 0.6(rand_b)", "7.0"),
+        ("0.8(rand_a) + 0.2(rand_b)", "3.0"), ("0.8(rand_a) + 0.2(rand_b)", "7.0"),
+    ]  # fmt: skip
+
+
+def test_sdxl_merge_load_and_try_give_the_same_images(forge):
+    """SDXL in Forge: CLIP-G's q/k/v are one tensor in the file and three in Forge's model, and its
+    text projection is transposed; a Try must land them as Forge's loader does."""
+    xl = {"primary_model_name": "merge_lab_xl_a.safetensors", "secondary_model_name": "merge_lab_xl_b.safetensors",
+          "multiplier": 0.4, "save_as_half": True}  # fmt: skip
+    status, saved = call("/merge-lab/v1/merge", {**xl, "custom_name": f"{MERGED}_xl", "load": True})
+    assert status == 200 and saved["loaded"], saved
+    from_file = forge_api.pixels_and_model(IMAGE)
+    assert from_file[1] == f"Model hash: {saved['sha256'][:10]}, Model: {MERGED}_xl"
+
+    status, tried = call("/merge-lab/v1/try", xl)
+    assert status == 200, tried
+    with_try = forge_api.pixels_and_model(IMAGE)
+    assert with_try[1] == f"Model hash: {tried['recipe_hash']}, Model: {tried['name']}"
+    assert with_try[0] == from_file[0]  # pixel-identical to the saved file
+    (forge / f"{MERGED}_xl.safetensors").unlink()  # 6.9 GB: not kept until the end

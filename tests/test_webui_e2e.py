@@ -22,7 +22,19 @@ import threading
 from pathlib import Path
 
 import pytest
-from host_e2e import CHROMIUM, SHOTS, Client, pick, set_number, shot
+from host_e2e import (
+    CHROMIUM,
+    SHOTS,
+    Client,
+    choose_a_and_b,
+    open_merge_lab,
+    part,
+    pick,
+    recipe_of,
+    set_number,
+    shot,
+    wait_for_result,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBUI = Path(os.environ["MERGE_LAB_WEBUI"]).resolve() if os.environ.get("MERGE_LAB_WEBUI") else None
@@ -39,6 +51,7 @@ pytestmark = pytest.mark.slow
 
 call = Client(URL).call
 pixels_and_model = Client(URL).pixels_and_model
+xyz_index = Client(URL).xyz_index
 
 
 @pytest.fixture(scope="module")
@@ -69,19 +82,6 @@ def page(webui):
         tab.wait_for_selector("#txt2img_generate")
         yield tab
         browser.close()
-
-
-def open_merge_lab(page) -> None:
-    page.locator("#tabs > .tab-nav button", has_text="Merge Lab").click()
-    page.locator("#merge_lab_refresh").click()  # titles gain their hash once the webui has hashed a file
-    page.wait_for_timeout(1500)
-
-
-def choose_a_and_b(page, name: str) -> None:
-    """rand_a and rand_b as A and B in the Merge Lab tab, and the output's name."""
-    pick(page, "merge_lab_primary", "rand_a")
-    pick(page, "merge_lab_secondary", "rand_b")
-    page.locator("#merge_lab_custom_name textarea").fill(name)
 
 
 class ProgressWatcher(threading.Thread):
@@ -295,14 +295,6 @@ def test_try_merges_into_the_loaded_model_and_its_images_match_the_saved_file(we
     assert pixels_and_model(image) == primary  # loading another checkpoint restores the webui's state
 
 
-def recipe_of(path: Path) -> dict:
-    """The Merge Lab recipe in a safetensors file's metadata."""
-    with path.open("rb") as file:
-        size = int.from_bytes(file.read(8), "little")
-        metadata = json.loads(file.read(size))["__metadata__"]
-    return json.loads(metadata["sd_merge_recipe"])["merge_lab_recipe"]
-
-
 def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, webui):
     page.locator("#txt2img_prompt textarea").fill("a red fox")
     for elem_id, value in (("txt2img_width", 128), ("txt2img_height", 128), ("txt2img_steps", 2)):
@@ -343,15 +335,6 @@ def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, web
     assert recipe_of(webui / f"{saved}.safetensors")["merge"]["params"]["alpha"] == 0.9
 
 
-def xyz_index(label: str) -> int:
-    """The index of an axis in txt2img's X/Y/Z plot, as its x_type dropdown (type=index) lists them."""
-    status, scripts = call("/sdapi/v1/script-info")
-    assert status == 200
-    plot = next(s for s in scripts if s["name"] == "x/y/z plot" and not s["is_img2img"])
-    x_type = next(arg for arg in plot["args"] if arg["label"] == "X type")
-    return x_type["choices"].index(label)
-
-
 def test_the_xyz_plot_has_merge_lab_axes_that_vary_the_tried_merge(webui):
     models = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
     for name in ("rand_b.safetensors", "rand_a.safetensors"):  # rand_a as loaded from its file
@@ -373,11 +356,6 @@ def test_the_xyz_plot_has_merge_lab_axes_that_vary_the_tried_merge(webui):
         ("0.4(rand_a) + 0.6(rand_b)", "3.0"), ("0.4(rand_a) + 0.6(rand_b)", "7.0"),
         ("0.8(rand_a) + 0.2(rand_b)", "3.0"), ("0.8(rand_a) + 0.2(rand_b)", "7.0"),
     ]  # fmt: skip
-
-
-def part(infotext: str, name: str) -> str:
-    """One field of an infotext's parameter line (``Model: x`` -> ``x``)."""
-    return infotext.split(name, 1)[1].split(", ")[0]
 
 
 SCORER = "def redness(images, prompts):\n    return sum(sum(p[0] for p in i.getdata()) / (i.width * i.height) for i in images) / len(images)\n"
@@ -420,12 +398,6 @@ def test_greedy_soup_in_the_tab_picked_by_the_user_then_scored_by_a_function(pag
         assert len(steps) == 1 and " vs " in steps[0]  # the second of the ranking judged against the first
     finally:
         scorer.unlink()
-
-
-def wait_for_result(page, text: str) -> None:
-    page.wait_for_function(
-        "t => document.querySelector('#merge_lab_result')?.innerText.includes(t)", arg=text, timeout=900_000
-    )
 
 
 def test_a_sweep_reports_progress_per_point_and_cancel_leaves_the_last_whole_merge(webui):
