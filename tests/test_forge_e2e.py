@@ -57,6 +57,11 @@ forge_api = Client(URL, API_AUTH)
 call = forge_api.call
 
 
+def start_forge(**environment: str) -> None:
+    subprocess.run(["bash", str(KIT / "start.sh"), str(FORGE), str(PORT), "--api-auth", API_AUTH],
+                   env={**os.environ, **environment}, check=True)  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def forge():
     """Forge running with Merge Lab cloned into its extensions; stopped and tidied afterwards."""
@@ -69,7 +74,7 @@ def forge():
             subprocess.run([sys.executable, str(ROOT / "tests" / "make_sdxl_checkpoint.py"), str(models / name),
                             "--seed", str(seed)], check=True)  # fmt: skip
     before = set(models.iterdir())
-    subprocess.run(["bash", str(KIT / "start.sh"), str(FORGE), str(PORT), "--api-auth", API_AUTH], check=True)
+    start_forge()
     try:
         yield models
     finally:
@@ -227,8 +232,9 @@ def test_try_save_tried_a_sweep_and_a_greedy_soup_from_the_tab(page, forge):
 
 
 def test_the_xyz_plot_has_merge_lab_axes_that_vary_the_tried_merge(forge):
-    call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_b.safetensors"})
-    forge_api.pixels_and_model(IMAGE)  # Forge loads lazily: rand_b, as its file holds it, is now loaded
+    # A checkpoint no test tried a merge on, loaded from its file (Forge loads at the next image).
+    call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_inpaint.safetensors"})
+    forge_api.pixels_and_model(IMAGE)
     image = {**IMAGE, "script_name": "x/y/z plot"}
     rest = [True, True, False, False, False, False, False, 0, False]  # legend, lone images, ... margin, csv
     alpha = [forge_api.xyz_index("Merge Lab: alpha"), "0.2, 0.6", []]
@@ -247,9 +253,19 @@ def test_the_xyz_plot_has_merge_lab_axes_that_vary_the_tried_merge(forge):
     ]  # fmt: skip
 
 
-def test_sdxl_merge_load_and_try_give_the_same_images(forge):
+@pytest.fixture(scope="module")
+def forge_sdxl(forge):
+    """Forge restarted with its UNet stored in fp16 (computed in fp32 on the CPU), as on most GPUs: an
+    SDXL UNet in fp32 beside the file Forge reads whole to load it does not fit in 24 GB of RAM."""
+    subprocess.run(["bash", str(KIT / "stop.sh"), str(FORGE)], check=True)
+    start_forge(FORGE_CPU_FLAGS="--always-cpu --clip-in-fp32 --unet-in-fp16")
+    return forge
+
+
+def test_sdxl_merge_load_and_try_give_the_same_images(forge_sdxl):
     """SDXL in Forge: CLIP-G's q/k/v are one tensor in the file and three in Forge's model, and its
     text projection is transposed; a Try must land them as Forge's loader does."""
+    forge = forge_sdxl
     xl = {"primary_model_name": "merge_lab_xl_a.safetensors", "secondary_model_name": "merge_lab_xl_b.safetensors",
           "multiplier": 0.4, "save_as_half": True}  # fmt: skip
     status, saved = call("/merge-lab/v1/merge", {**xl, "custom_name": f"{MERGED}_xl", "load": True})
