@@ -15,6 +15,7 @@ MERGE_LAB_SCREENSHOTS=DIR keeps screenshots.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -78,7 +79,8 @@ def forge():
     try:
         yield models
     finally:
-        call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+        with contextlib.suppress(OSError):  # Forge may have died (its log says why)
+            call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
         subprocess.run(["bash", str(KIT / "stop.sh"), str(FORGE)], check=False)
         for path in set(models.iterdir()) - before:
             path.unlink()
