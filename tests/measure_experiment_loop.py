@@ -7,8 +7,9 @@
 Without either (or MERGE_LAB_WEBUI) it says it is skipped and exits 0, so CI, which has no webui,
 runs it as a no-op. With --webui it clones this repository's HEAD into the webui's extensions (as
 "Install from URL" does) and starts it with ../shared/webui-offline/start.sh (--forge:
-../shared/forge-offline/start.sh; Forge loads a selected model at the next image, which the switch
-figure includes either way, as it always adds the next image). The webui needs
+../shared/forge-offline/start.sh). Forge loads a picked model at the next image, not when it is
+picked: the switch figure includes that image either way, and before a Try an image is made with
+rand_a so that it is loaded, as the webui has it loaded after picking it. The host needs
 rand_a and rand_b checkpoints (the kit's), and is left on rand_a.
 
 Same image settings everywhere (txt2img, 64x64, 2 steps, fixed seed). Medians of --repeats runs:
@@ -79,16 +80,24 @@ def measure(url: str, repeats: int, cold: bool = False) -> dict[str, list[float]
         answers[path] = call(url, path, body)
         return time.perf_counter() - began
 
-    def load(name: str) -> float:
+    def select(name: str) -> float:
+        """Picking a checkpoint: the webui loads it there, Forge at the next image (which is timed too)."""
         return timed("/sdapi/v1/options", {"sd_model_checkpoint": name})
 
+    def loaded(name: str) -> None:
+        """``name`` loaded as after generating with it, before a Try: in Forge, an image loads it."""
+        select(name)
+        if forge:
+            timed("/sdapi/v1/txt2img", IMAGE)
+
     answers: dict[str, dict] = {}
+    forge = "forge_preset" in get(url, "/sdapi/v1/options")  # Forge loads a picked model lazily
     figures: dict[str, list[float]] = {"switch": [], "try": [], "sweep1": [], "sweep5": []}
-    load("rand_a.safetensors")
+    loaded("rand_a.safetensors")
     timed("/sdapi/v1/txt2img", IMAGE)  # warm-up: first-image costs are not the loop's
     drop_page_cache(cold)
-    first_switch = load("rand_b.safetensors") + timed("/sdapi/v1/txt2img", IMAGE)
-    load("rand_a.safetensors")
+    first_switch = select("rand_b.safetensors") + timed("/sdapi/v1/txt2img", IMAGE)
+    loaded("rand_a.safetensors")
     drop_page_cache(cold)
     first_try = timed("/merge-lab/v1/try", {**MODELS, "multiplier": 0.29})
     breakdown = answers["/merge-lab/v1/try"].get("timings", {})
@@ -96,9 +105,9 @@ def measure(url: str, repeats: int, cold: bool = False) -> dict[str, list[float]
     figures["first try"] = [first_try + timed("/sdapi/v1/txt2img", IMAGE)]
     print(f"first Try: {first_try:.2f} s ({', '.join(f'{k} {v:.2f} s' for k, v in breakdown.items())})")
     for repeat in range(repeats):
-        load("rand_a.safetensors")
-        figures["switch"].append(load("rand_b.safetensors") + timed("/sdapi/v1/txt2img", IMAGE))
-        load("rand_a.safetensors")
+        loaded("rand_a.safetensors")
+        figures["switch"].append(select("rand_b.safetensors") + timed("/sdapi/v1/txt2img", IMAGE))
+        loaded("rand_a.safetensors")
         alpha = 0.31 + repeat / 100  # a new recipe each time: a repeated one costs nothing
         figures["try"].append(
             timed("/merge-lab/v1/try", {**MODELS, "multiplier": alpha}) + timed("/sdapi/v1/txt2img", IMAGE)
@@ -106,7 +115,7 @@ def measure(url: str, repeats: int, cold: bool = False) -> dict[str, list[float]
         sweep = {**MODELS, **IMAGE, "x_param": "alpha"}
         figures["sweep1"].append(timed("/merge-lab/v1/sweep", {**sweep, "x_values": f"{alpha + 0.2:.2f}"}))
         figures["sweep5"].append(timed("/merge-lab/v1/sweep", {**sweep, "x_values": "0.1, 0.3, 0.5, 0.7, 0.9"}))
-    load("rand_a.safetensors")
+    select("rand_a.safetensors")
     return figures
 
 
@@ -115,6 +124,11 @@ def drop_page_cache(cold: bool) -> None:
     if cold:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def get(url: str, path: str) -> dict:
+    with urllib.request.urlopen(url + path, timeout=60) as response:
+        return json.load(response)
 
 
 def call(url: str, path: str, body: dict) -> dict:
