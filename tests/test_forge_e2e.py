@@ -48,6 +48,7 @@ MERGED = "merge_lab_forge_e2e"
 IMAGE = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler"}
 A_AND_B = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
 SDXL_INPUTS = {"merge_lab_xl_a.safetensors": 11, "merge_lab_xl_b.safetensors": 12}
+LORA = "merge_lab_e2e_lora"
 
 if FORGE is None:
     pytest.skip("set MERGE_LAB_FORGE=/path/to/forge/webui to run the real-Forge check", allow_module_level=True)
@@ -56,6 +57,24 @@ pytestmark = pytest.mark.slow
 
 forge_api = Client(URL, API_AUTH)
 call = forge_api.call
+
+
+def write_lora(path: Path) -> Path:
+    """A kohya-format LoRA for the kit's SD1.5 checkpoints: rank 4 on the UNet's time embedding and
+    the text encoder's first MLP, random values large enough to change the image."""
+    import safetensors.torch
+    import torch
+
+    generator = torch.Generator().manual_seed(5)
+    layers = {"lora_unet_time_embed_0": (320, 1280), "lora_te_text_model_encoder_layers_0_mlp_fc1": (768, 3072)}
+    tensors = {}
+    for name, (width_in, width_out) in layers.items():
+        tensors[f"{name}.lora_down.weight"] = 0.1 * torch.randn(4, width_in, generator=generator)
+        tensors[f"{name}.lora_up.weight"] = 0.1 * torch.randn(width_out, 4, generator=generator)
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(path))
+    return path
 
 
 def start_forge(**environment: str) -> None:
@@ -75,10 +94,12 @@ def forge():
             subprocess.run([sys.executable, str(ROOT / "tests" / "make_sdxl_checkpoint.py"), str(models / name),
                             "--seed", str(seed)], check=True)  # fmt: skip
     before = set(models.iterdir())
+    lora = write_lora(FORGE / "models" / "Lora" / f"{LORA}.safetensors")
     start_forge()
     try:
         yield models
     finally:
+        lora.unlink()
         with contextlib.suppress(OSError):  # Forge may have died (its log says why)
             call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
         subprocess.run(["bash", str(KIT / "stop.sh"), str(FORGE)], check=False)
@@ -254,6 +275,22 @@ def test_the_xyz_plot_has_merge_lab_axes_that_vary_the_tried_merge(forge):
         ("0.4(rand_a) + 0.6(rand_b)", "3.0"), ("0.4(rand_a) + 0.6(rand_b)", "7.0"),
         ("0.8(rand_a) + 0.2(rand_b)", "3.0"), ("0.8(rand_a) + 0.2(rand_b)", "7.0"),
     ]  # fmt: skip
+
+
+def test_a_lora_in_the_prompt_patches_a_tried_merge_as_it_patches_the_saved_file(forge):
+    """Forge's LoRA loader keeps the weights from before a LoRA and puts them back when the LoRAs
+    change: a Try after an image made with a LoRA must leave neither the old merge nor the LoRA behind."""
+    with_lora = {**IMAGE, "prompt": f"a photo of a cat <lora:{LORA}:1>"}
+    assert call("/merge-lab/v1/try", {**A_AND_B, "multiplier": 0.3})[0] == 200
+    first = forge_api.pixels_and_model(with_lora)
+    assert call("/merge-lab/v1/try", {**A_AND_B, "multiplier": 0.7})[0] == 200  # over a LoRA-patched model
+    tried = forge_api.pixels_and_model(with_lora)
+    assert forge_api.pixels_and_model(IMAGE)[0] != tried[0]  # the LoRA changes the image
+    status, saved = call("/merge-lab/v1/merge", {**A_AND_B, "multiplier": 0.7, "custom_name": f"{MERGED}_lora",
+                                                  "load": True})  # fmt: skip
+    assert status == 200 and saved["loaded"], saved
+    from_file = forge_api.pixels_and_model(with_lora)
+    assert from_file[0] == tried[0] != first[0]
 
 
 @pytest.fixture(scope="module")
