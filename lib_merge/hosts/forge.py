@@ -24,6 +24,7 @@ from . import Checkpoint
 from .webui import WebuiHost, _checkpoint_info
 
 UNET_PREFIX = "model.diffusion_model."  # Forge prefixes a bare UNet / transformer file's keys with it
+LORAS_TO_APPLY_AGAIN = "merge-lab: the weights changed since the LoRAs were applied"
 FP8 = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)}
 
 
@@ -74,6 +75,10 @@ class ForgeHost(WebuiHost):
             shapes = {key: reader.spec(key) for key in reader.keys()}
         weights = ForgeWeights(model, shapes)
         yield weights, weights.left_out
+        # The LoRA extension skips its work when the prompt's LoRAs are the ones it applied last, and
+        # Forge refreshes LoRAs only when it loads a patched model anew: a hash no LoRA list has makes
+        # the next image set them up again, so they patch the merged weights.
+        model.current_lora_hash = LORAS_TO_APPLY_AGAIN
 
 
 class ForgeWeights(Mapping):

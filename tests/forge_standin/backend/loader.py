@@ -114,4 +114,4 @@ def forge_loader(path: str):
         clip=SimpleNamespace(cond_stage_model=cond_stage_model, patcher=patcher(cond_stage_model)),
         vae=SimpleNamespace(first_stage_model=module_from(vae)),
     )
-    return SimpleNamespace(forge_objects=objects, model_config=guess)
+    return SimpleNamespace(forge_objects=objects, model_config=guess, current_lora_hash=str([]))
