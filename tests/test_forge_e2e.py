@@ -22,6 +22,9 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -291,6 +294,42 @@ def test_a_lora_in_the_prompt_patches_a_tried_merge_as_it_patches_the_saved_file
     assert status == 200 and saved["loaded"], saved
     from_file = forge_api.pixels_and_model(with_lora)
     assert from_file[0] == tried[0] != first[0]
+
+
+def test_cancel_through_the_api_stops_only_its_own_merge_and_leaves_no_file(forge):
+    task = f"merge-lab-{uuid.uuid4()}"
+    body = {**A_AND_B, "multiplier": 0.5, "custom_name": f"{MERGED}_cancelled", "id_task": task}
+    answer = {}
+
+    def run_merge() -> None:
+        answer["status"], answer["body"] = call("/merge-lab/v1/merge", body)
+
+    merge = threading.Thread(target=run_merge)
+    before = sorted(p.name for p in forge.iterdir())
+    merge.start()
+    while merge.is_alive() and call("/sdapi/v1/progress?skip_current_image=true")[1]["state"]["job"] != "merge-lab":
+        time.sleep(0.1)
+    assert call("/merge-lab/v1/cancel", {"id_task": "merge-lab-someone-else"})[1] == {"cancelled": False}
+    assert call("/merge-lab/v1/cancel", {"id_task": task})[1] == {"cancelled": True}
+    merge.join()
+    assert answer["status"] == 409 and "cancelled" in json.dumps(answer["body"])
+    assert sorted(p.name for p in forge.iterdir()) == before  # no file, no temp file
+
+
+@pytest.fixture(scope="module")
+def forge_fp8(forge):
+    """Forge restarted with its UNet stored in fp8 ("Diffusion in Low Bits"), computed in fp32."""
+    subprocess.run(["bash", str(KIT / "stop.sh"), str(FORGE)], check=True)
+    start_forge(FORGE_CPU_FLAGS="--always-cpu --clip-in-fp32 --unet-in-fp8-e4m3fn")
+    return forge
+
+
+def test_try_is_refused_when_forge_holds_the_unet_in_fp8_and_the_model_is_kept(forge_fp8):
+    call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+    before = forge_api.pixels_and_model(IMAGE)
+    status, answer = call("/merge-lab/v1/try", {**A_AND_B, "multiplier": 0.5})
+    assert status == 422 and "Forge holds the loaded model's unet in float8_e4m3fn" in answer["detail"], answer
+    assert forge_api.pixels_and_model(IMAGE) == before
 
 
 @pytest.fixture(scope="module")
