@@ -97,14 +97,19 @@ def create_app(host: FolderHost, credentials: Credentials | None = None):
     app = gr.mount_gradio_app(app, tab, path="/")
     app.add_middleware(GradioFilesOnly)
     if credentials:
-        queue_token = getattr(getattr(tab, "_queue", None), "access_token", "")  # set by the mount
+        # gradio 3's queue calls the app's own routes with this token (set by the mount); gradio 4's has none.
+        queue_token = getattr(getattr(tab, "_queue", None), "access_token", "")
         app.add_middleware(BasicAuthMiddleware, credentials=credentials, internal_token=queue_token)
     return app
 
 
 class GradioFilesOnly:
-    """gradio 3 serves any file under the working folder at ``/file=PATH``; here it serves only
-    the files gradio itself made (uploads, downloads, images), which live in its temp folder."""
+    """gradio 3 serves any file under the working folder at ``/file=PATH`` and at ``/file/PATH``;
+    here it serves only the files gradio itself made (uploads, downloads, images), which live in
+    its temp folder. (gradio 4 serves the same two routes and already refuses the working folder;
+    the check stays, the same for both.)"""
+
+    ROUTES = ("/file=", "/file/")
 
     def __init__(self, app):
         self.app = app
@@ -116,7 +121,8 @@ class GradioFilesOnly:
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "") if scope["type"] == "http" else ""
-        if path.startswith("/file=") and not self._allowed(path.removeprefix("/file=")):
+        route = next((route for route in self.ROUTES if path.startswith(route)), None)
+        if route and not self._allowed(path.removeprefix(route)):
             await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"text/plain")]})
             await send({"type": "http.response.body", "body": b"File not allowed."})
             return

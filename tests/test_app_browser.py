@@ -7,11 +7,13 @@ in CI (CI=true) a missing browser is a failure, never a silent skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 import yaml
 from conftest import make
 
+from lib_merge import FolderHost
 from lib_merge.recipe import VERSION, MergeNode, ModelRef, dump_recipe, request_from_recipe
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -119,12 +122,13 @@ def upload_recipe(page, path: Path) -> str:
     # gradio 3 puts the hidden file input just before the button, gradio 4 inside it.
     upload = page.locator("#merge_lab_load_recipe input[type=file], input[type=file]:has(+ #merge_lab_load_recipe)")
     upload.set_input_files(path)
-    # gradio 3 repeats the id on the markdown inside the block (whose status timer would read as text).
-    note = "[...document.querySelectorAll('#merge_lab_recipe_note')].pop()"
-    page.wait_for_function(f"() => {note}.innerText.trim() !== ''")
-    return page.locator("#merge_lab_recipe_note").last.inner_text().strip()
+    # The markdown's own text, not the block's: its status timer ("0.2s") would read as text too.
+    note = "#merge_lab_recipe_note .md"
+    page.wait_for_function(f"() => document.querySelector('{note}').innerText.trim() !== ''")
+    return page.locator(note).first.inner_text().strip()
 
 
+@pytest.mark.gradio_both
 def test_pick_two_merge_and_see_the_result_in_the_dropdowns_and_on_disk(page, served):
     folder, _ = served
     pick(page, "merge_lab_primary", "alpha.safetensors")
@@ -162,6 +166,7 @@ def test_a_bad_pick_is_refused_in_the_tab_and_writes_nothing(page, served):
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
+@pytest.mark.gradio_both
 def test_ties_with_a_block_preset_its_chart_and_a_saved_recipe(page, served):
     folder, _ = served
     page.get_by_role("radio", name="TIES", exact=True).check()
@@ -199,7 +204,9 @@ def test_ties_with_a_block_preset_its_chart_and_a_saved_recipe(page, served):
 
 # From another method, the method's change event (which resets the parameters to their defaults)
 # fires after the load: the loaded values must survive it.
-@pytest.mark.parametrize("shown", ["TIES", pytest.param("Weighted sum", id="from-the-default-method")])
+@pytest.mark.parametrize(
+    "shown", ["TIES", pytest.param("Weighted sum", id="from-the-default-method", marks=pytest.mark.gradio_both)]
+)
 def test_load_recipe_fills_the_controls_and_the_preflight_follows(page, served, tmp_path, shown):
     recipe = write_recipe(
         tmp_path / "ties.yaml", "ties", ["beta.safetensors", "alpha.safetensors"],
@@ -304,6 +311,87 @@ def test_cancel_on_another_page_does_not_stop_this_pages_merge(page, served, tmp
     page.locator("#merge_lab_result .merge-lab-done").wait_for(timeout=60_000)
     assert (folder / "not-cancelled.safetensors").is_file()
     other.close()
+
+
+class OwnerNotingHost(FolderHost):
+    """A folder host that notes the owner (the page) of each job and each Cancel it is given."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noted: list[tuple[str, str]] = []
+
+    def job(self, task_id: str = "", jobs: int = 1, owner: str = ""):
+        self.noted.append(("job", owner))
+        return super().job(task_id, jobs, owner)
+
+    def interrupt(self, owner: str) -> bool:
+        self.noted.append(("cancel", owner))
+        return super().interrupt(owner)
+
+
+@contextlib.contextmanager
+def served_in_process(host):
+    """The app over ``host`` in this process (so the test sees the host), on a free port."""
+    import uvicorn
+
+    from lib_merge.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(host), host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the app did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}/"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.mark.gradio_both
+def test_a_page_keeps_one_owner_across_its_events_and_each_page_has_its_own(tmp_path):
+    """The tab keeps its page's owner id in a gr.State, set in place at the first event: every later
+    event of that page (queued, like Merge, or not, like Cancel) must see the same id, another page
+    or a reload another one. gradio 3 and 4 must both hand each event the page's same state object."""
+    folder = tmp_path / "models"
+    make(folder / "alpha.safetensors", seed=1)
+    make(folder / "beta.safetensors", seed=2)
+    host = OwnerNotingHost(folder, hash_cache=tmp_path / "hashes.json", device="cpu")
+
+    def noted_after(action) -> tuple[str, str]:
+        count = len(host.noted)
+        action()
+        deadline = time.monotonic() + 30
+        while len(host.noted) == count:
+            assert time.monotonic() < deadline, "the event did not reach the host"
+            time.sleep(0.05)
+        return host.noted[count]
+
+    with served_in_process(host) as url, playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+        first, second = browser.new_page(), browser.new_page()
+        for page in (first, second):
+            page.goto(url)
+            page.wait_for_selector("#merge_lab_merge")
+        cancel = first.locator("#merge_lab_cancel")
+        mine = [noted_after(cancel.click), noted_after(cancel.click)]
+        pick(first, "merge_lab_primary", "alpha.safetensors")
+        pick(first, "merge_lab_secondary", "beta.safetensors")
+        mine.append(noted_after(first.locator("#merge_lab_merge").click))
+        first.locator("#merge_lab_result .merge-lab-done").wait_for(timeout=60_000)
+        mine.append(noted_after(cancel.click))
+        other = noted_after(second.locator("#merge_lab_cancel").click)
+        first.reload()
+        first.wait_for_selector("#merge_lab_merge")
+        reloaded = noted_after(first.locator("#merge_lab_cancel").click)
+        browser.close()
+
+    assert [kind for kind, _ in mine] == ["cancel", "cancel", "job", "cancel"]
+    owners = {owner for _, owner in mine}
+    assert len(owners) == 1 and "" not in owners, mine
+    assert other[1] not in owners and reloaded[1] not in owners and other[1] != reloaded[1]
 
 
 def test_the_line_under_the_method_says_exactly_which_pickers_it_uses(page, served):

@@ -236,37 +236,58 @@ def test_crafted_files_in_the_folder_get_one_line_answers_and_models_lists_the_r
             assert bad in detail and "\n" not in detail and "root:x" not in detail, detail
 
 
+def upload_event(config: dict, elem_id: str) -> int:
+    """The fn_index of the upload event of the component ``elem_id``, in gradio 3's or 4's config."""
+    elem_ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
+    for index, dependency in enumerate(config["dependencies"]):
+        if "trigger" in dependency:  # gradio 3: one trigger for all targets
+            targets = [(target, dependency["trigger"]) for target in dependency["targets"]]
+        else:  # gradio 4: (id, trigger) pairs
+            targets = [tuple(target) for target in dependency["targets"]]
+        if any(elem_ids.get(target) == elem_id and trigger == "upload" for target, trigger in targets):
+            return dependency.get("id", index)
+    raise AssertionError(f"no upload event on {elem_id}")
+
+
+@pytest.mark.gradio_both
 def test_the_tab_reads_no_upload_it_did_not_receive(world, served):
-    """gradio 3 copies any path a client names as an "uploaded" file; the tab's Load recipe refuses it."""
+    """A client names a file of the server as its "uploaded" recipe. gradio 3 copies any path a client
+    names, and the tab's Load recipe refuses it; gradio 4 refuses it itself (the tab would too)."""
     _, _, outside = world
     secret = outside / "secret-recipe.yaml"
     secret.write_text("merge_lab_recipe: 1\nmerge: {method: soup, models: [SECRET_a.safetensors, b.safetensors]}\n")
     config = httpx.get(served + "/config", timeout=30).json()
-    elem_ids = {c["id"]: c.get("props", {}).get("elem_id") for c in config["components"]}
-    upload = next(
-        i
-        for i, dependency in enumerate(config["dependencies"])
-        if dependency["trigger"] == "upload" and elem_ids[dependency["targets"][0]] == "merge_lab_load_recipe"
-    )
-    payload = {"name": str(secret), "data": None, "is_file": True}
+    gradio_4 = int(config["version"].split(".")[0]) >= 4
+    if gradio_4:
+        payload = {"path": str(secret), "meta": {"_type": "gradio.FileData"}}
+    else:
+        payload = {"name": str(secret), "data": None, "is_file": True}
     response = httpx.post(
         served + "/run/predict",
-        json={"fn_index": upload, "data": [payload, "Weighted sum"], "session_hash": "attacker"},
+        json={"fn_index": upload_event(config, "merge_lab_load_recipe"), "data": [payload, "Weighted sum"],
+              "session_hash": "attacker"},
         timeout=60,
-    )
-    assert response.status_code == 200, response.text
-    note = response.json()["data"][-2]
-    assert note.startswith("Could not load the recipe: recipe: not a file uploaded from this page"), note
+    )  # fmt: skip
     assert "SECRET" not in response.text
+    if gradio_4:
+        assert response.status_code == 500 and "is not in the upload folder" in response.json()["error"], response.text
+    else:
+        assert response.status_code == 200, response.text
+        note = response.json()["data"][-2]
+        assert note.startswith("Could not load the recipe: recipe: not a file uploaded from this page"), note
 
 
+@pytest.mark.gradio_both
 def test_gradio_serves_no_file_of_the_working_folder(world, served):
-    """The app runs in ``root`` (its cwd): gradio 3 would serve any file under it at /file=."""
-    _, models, outside = world
-    for path in (models / "a.safetensors", outside / "secret.safetensors", Path("/etc/hostname")):
-        response = httpx.get(f"{served}/file={path}", timeout=30)
-        assert response.status_code in (403, 404), (path, response.status_code)
-        assert b"SECRET" not in response.content
+    """The app runs in ``root`` (its cwd): gradio 3 would serve any file under it at /file= and /file/."""
+    root, models, outside = world
+    paths = [str(models / "a.safetensors"), str(outside / "secret.safetensors"), "/etc/hostname"]
+    paths += [str((models / "a.safetensors").relative_to(root)), "outside/secret.safetensors"]  # from the cwd
+    for path in paths:
+        for route in ("/file=", "/file/", "/file%3D"):
+            response = httpx.get(f"{served}{route}{path}", timeout=30)
+            assert response.status_code in (403, 404), (route, path, response.status_code)
+            assert b"SECRET" not in response.content
 
 
 def basic(user: str, password: str) -> dict:

@@ -6,6 +6,8 @@ from lib_merge.errors import RequestError
 from lib_merge.recipe import request_from_recipe
 from lib_merge.ui.recipe_fields import PARAM_NAMES, block_chart, controls_from_recipe, recipe_from_controls
 
+pytestmark = pytest.mark.gradio_both  # free of gradio, but the tab's values: .ci/run runs it under both
+
 
 def controls(**values):
     base = {"primary_model_name": "a.safetensors", "secondary_model_name": "b.safetensors", "multiplier": 0.3}
@@ -49,3 +51,9 @@ def test_the_chart_draws_one_bar_per_block_and_names_a_bad_list():
     assert block_chart("ramp_in_out", "SD1", 0.5, "alpha").count("<rect") == 26
     assert block_chart("flat", "SDXL", 0.5, "alpha").count("<rect") == 20
     assert "blocks.alpha: expected 26 values" in block_chart("1,2,3", "SD1", 0.5, "alpha")
+
+
+def test_a_picker_the_recipe_leaves_unused_is_cleared_not_set_to_an_empty_choice():
+    back = controls_from_recipe(recipe_from_controls(controls(interp_method="Model soup")))
+    assert (back["primary_model_name"], back["secondary_model_name"]) == ("a.safetensors", "b.safetensors")
+    assert back["tertiary_model_name"] is None and back["more_models"] == []

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 gr = pytest.importorskip("gradio")
 
+from lib_merge.ui import compat  # noqa: E402
 from lib_merge.ui import tab as tab_module  # noqa: E402
 
 REQUIRED_IDS = {
@@ -22,6 +25,7 @@ def components(blocks) -> list[dict]:
     return [c for c in blocks.config["components"] if c.get("type") not in ("row", "column", "form", "group", "state")]
 
 
+@pytest.mark.gradio_both
 def test_every_control_has_a_stable_merge_lab_id(host):
     blocks = tab_module.build_tab(host)
     ids = [c["props"].get("elem_id") for c in components(blocks)]
@@ -32,20 +36,79 @@ def test_every_control_has_a_stable_merge_lab_id(host):
     assert len(ids) == len(set(ids)), "an elem_id is used twice"
 
 
+@pytest.mark.gradio_both
 def test_standalone_hides_what_needs_a_webui(host):
     props = {c["props"].get("elem_id"): c["props"] for c in components(tab_module.build_tab(host))}
     assert props["merge_lab_load"]["visible"] is False and props["merge_lab_load"]["value"] is False
     assert props["merge_lab_merge_open"]["visible"] is False
-    assert props["merge_lab_primary"]["choices"] in (
-        ["a.safetensors", "b.safetensors", "c.safetensors"],
-        [[name, name] for name in ("a.safetensors", "b.safetensors", "c.safetensors")],
-    )
+    names = ["a.safetensors", "b.safetensors", "c.safetensors"]
+    # gradio 3.41 lists names, or [name, value] pairs; gradio 4 (name, value) tuples.
+    choices = [
+        list(choice) if isinstance(choice, (list, tuple)) else choice
+        for choice in props["merge_lab_primary"]["choices"]
+    ]
+    assert choices in (names, [[name, name] for name in names])
 
 
+@pytest.mark.gradio_both
 def test_the_ui_code_uses_only_apis_gradio_4_still_has():
     source = "\n".join(p.read_text() for p in Path(tab_module.__file__).parent.glob("*.py"))
     assert not re.search(r"gr\.\w+\.update\(", source), "component .update class methods are gone in gradio 4"
-    assert "_js=" not in source, "_js is passed only through _page_hook, which falls back to js"
+    assert not re.search(r"\b_?js=", source), "a page script is passed only through compat.page_hook (_js or js)"
+    assert not re.search(r"gr\.Box\b|\.style\(|\bsource=|\bevery=", source), "gradio 3 only"
+
+
+@pytest.mark.gradio_both
+def test_every_page_hook_reaches_the_page_in_this_gradio(host):
+    """In the webui each event the page script hooks carries it (gradio 3 takes ``_js``, 4 ``js``);
+    the standalone page has no script, so no event names one."""
+    hooks = ["mergeLabMerge", "mergeLabOpenTxt2img", "mergeLabTask", "mergeLabSweep", "mergeLabFromTxt2img"]
+    hooks += ["mergeLabTask"] * 3  # the greedy soup's Start, Keep soup and Add candidate
+    for in_webui, expected in ((True, hooks), (False, [])):
+        config = tab_module.build_tab(host, in_webui=in_webui).config
+        assert [d["js"] for d in config["dependencies"] if d.get("js")] == expected
+
+
+def _uploaded_value(component, path: Path):
+    """What this gradio hands the Load recipe event for a file the page uploaded to ``path``."""
+    if compat.GRADIO_4:
+        from gradio.data_classes import FileData
+
+        return component.preprocess(FileData(path=str(path), orig_name=path.name))
+    return component.preprocess({"name": str(path), "orig_name": path.name, "data": None, "is_file": True})
+
+
+@pytest.fixture
+def uploads():
+    """A folder inside gradio's upload folder, as a page's upload lands in, removed after the test."""
+    inside = compat.upload_folders(gr.UploadButton("Load recipe"))[0]
+    inside.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="merge-lab-test-", dir=inside))
+    yield folder
+    shutil.rmtree(folder)
+
+
+@pytest.mark.gradio_both
+def test_load_recipe_takes_this_gradios_upload_and_refuses_a_path_from_elsewhere(tmp_path, uploads):
+    """gradio 3 gives a temp file wrapper (.name, .orig_name), gradio 4 a path string: both load, and a
+    value naming a file outside gradio's upload folder is refused, whichever shape it has."""
+    from lib_merge.ui import method_controls
+
+    button = gr.UploadButton("Load recipe")
+    folders = compat.upload_folders(button)
+    recipe = uploads / "recipe.yaml"
+    recipe.write_text("merge: {method: soup, models: [a.safetensors, b.safetensors]}\n")
+    value = _uploaded_value(button, recipe)
+    *_, note, loading = method_controls.load_recipe(value, ("interp_method",), "Weighted sum", folders)
+    assert note == "Recipe loaded." and loading["interp_method"] == "Model soup"
+
+    secret = tmp_path / "secret.yaml"
+    secret.write_text(recipe.read_text().replace("a.safetensors", "SECRET.safetensors"))
+    # What the component hands the event when a client names ``secret`` as its upload (gradio 3
+    # copies it into the upload folder first; gradio 4's route refuses it before, this is the second wall).
+    for shape in (_uploaded_value(button, secret), str(secret), None):
+        *_, note, loading = method_controls.load_recipe(shape, ("interp_method",), "Weighted sum", folders)
+        assert note.startswith("Could not load the recipe: recipe: not a file uploaded") and loading is None
 
 
 GREEDY_IDS = {
@@ -55,6 +118,7 @@ GREEDY_IDS = {
 }  # fmt: skip
 
 
+@pytest.mark.gradio_both
 def test_the_greedy_soup_is_hidden_in_the_standalone_app_and_shown_with_a_loaded_model(host, models, tmp_path):
     from image_host import ImageHost
 
@@ -158,6 +222,7 @@ class TestGreedyHandlers:
         assert "merge-lab-error" in out["result"] and message in out["result"]
         assert out["walk"] is None and not out["keep"]["interactive"] and not out["save"]["interactive"]
 
+    @pytest.mark.gradio_both  # gr.update() compared as gradio gives it
     def test_a_pick_that_fails_keeps_the_walk(self, image_host):
         from lib_merge.ui import experiments
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from ..errors import MergeError, RequestError
 from ..methods import BOOL, FLOATS, INT, METHODS, Param, get_method
 from ..recipe import dump_recipe
 from ..recipe import load_recipe as read_recipe_file
+from . import compat
 from .recipe_fields import PARAM_NAMES, TAB_FIELDS, block_chart, controls_from_recipe
 
 # The first method that declares a parameter gives its control's range and default.
@@ -130,25 +130,15 @@ def load_recipe(upload, fields: tuple[str, ...], method_now: str, upload_dirs: l
     return [*updates, "Recipe loaded.", values if values["interp_method"] != method_now else None]
 
 
-def upload_folders(component) -> list[Path]:
-    """Where this gradio keeps the files a page uploads (its temp folder, however it is configured)."""
-    folders = {
-        os.environ.get("GRADIO_TEMP_DIR"),
-        getattr(component, "DEFAULT_TEMP_DIR", None),
-        str(Path(tempfile.gettempdir()) / "gradio"),
-    }
-    return [Path(folder).resolve() for folder in folders if folder]
-
-
 def uploaded_path(upload, upload_dirs: list[Path]) -> Path:
     """The file of an upload. gradio 3 copies whatever path a client names as an "uploaded" file,
     so the name the client gave must lie in gradio's upload folder too: a client cannot make the
-    tab read /etc/passwd or a model."""
-    named = [getattr(upload, "orig_name", None), getattr(upload, "name", upload)]
-    for path in (Path(str(name)).resolve() for name in named if name):
-        if not any(path.is_relative_to(folder) for folder in upload_dirs):
-            raise RequestError("recipe: not a file uploaded from this page; use the Load recipe button")
-    return Path(getattr(upload, "name", upload))
+    tab read /etc/passwd or a model. (gradio 4 refuses such a name itself; the check stays.)"""
+    names = compat.upload_names(upload)
+    inside = [any(Path(name).resolve().is_relative_to(folder) for folder in upload_dirs) for name in names]
+    if not names or not all(inside):
+        raise RequestError("recipe: not a file uploaded from this page; use the Load recipe button")
+    return Path(names[-1])
 
 
 __all__ = ["TAB_FIELDS", "build_blocks", "build_params", "build_recipe", "load_recipe", "method_updates", "save_recipe"]

@@ -73,7 +73,8 @@ def controls_from_recipe(recipe: dict) -> dict | None:
     method = get_method(node.method)
     names = [ref.name for ref in node.inputs]
     values = {"interp_method": method.label, "more_models": names[3:]}
-    values.update({field: names[i] if i < len(names) else "" for i, field in enumerate(MODEL_FIELDS)})
+    # A picker the recipe leaves unused is cleared (None: no pick; "" is no choice, which gradio 4 warns of).
+    values.update({field: names[i] if i < len(names) else None for i, field in enumerate(MODEL_FIELDS)})
     for name, value in node.params.items():
         if name == "alpha":
             values["multiplier"] = value

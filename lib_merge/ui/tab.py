@@ -1,14 +1,13 @@
 """The Merge Lab tab: build_tab(host) -> gr.Blocks, the same UI in the webui and standalone.
 
 Built in small named builders; every event goes through ``actions`` with a MergeRequest, so the
-tab holds no merge logic. Only gradio APIs that gradio 3.41 and 4 share are used (``gr.update``,
-no ``.update`` class methods); the page script hook is passed as ``_js`` or ``js``, whichever this
-gradio has, and only inside the webui, where ``javascript/merge_lab.js`` defines it.
+tab holds no merge logic. Only gradio APIs that gradio 3.41 and 4.40 share are used (``gr.update``,
+no ``.update`` class methods); what differs between them is in ``compat``. The page script hooks
+are passed only inside the webui, where ``javascript/merge_lab.js`` defines them.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import uuid
 
@@ -20,7 +19,7 @@ from ..hosts import AppHost
 from ..io.readers import open_checkpoint
 from ..methods import METHODS, get_method
 from ..request import CONFIG_SOURCES, FORMATS
-from . import experiments, method_controls
+from . import compat, experiments, method_controls
 from .messages import done_html, error_html
 from .recipe_fields import PARAM_NAMES, TAB_FIELDS, block_chart, pickers_text, recipe_from_controls
 
@@ -223,7 +222,7 @@ def wire_events(host: AppHost, ui: dict, in_webui: bool) -> None:
             on_merge,
             inputs=[ui["task_id"], ui["open_txt2img"], *fields, ui["page"]],
             outputs=[ui["result"], *pickers],
-            **_page_hook(button, "mergeLabOpenTxt2img" if opens else "mergeLabMerge", in_webui),
+            **_page_hook("mergeLabOpenTxt2img" if opens else "mergeLabMerge", in_webui),
         )
 
 
@@ -240,7 +239,7 @@ def wire_experiments(host: AppHost, ui: dict, in_webui: bool) -> None:
 
     ui["try"].click(
         on_try, inputs=[ui["task_id"], *fields, page], outputs=[result, tried, ui["save_tried"]],
-        **_page_hook(ui["try"], "mergeLabTask", in_webui),
+        **_page_hook("mergeLabTask", in_webui),
     )  # fmt: skip
     ui["save_tried"].click(
         lambda recipe, state: experiments.save_recipe_file(host, recipe, "try a merge", page_owner(state)),
@@ -262,7 +261,7 @@ def wire_experiments(host: AppHost, ui: dict, in_webui: bool) -> None:
     ui["sweep"].click(
         on_sweep, inputs=[ui["task_id"], *sweep_inputs, *fields, page],
         outputs=[ui["gallery"], result, ui["cell"], ui["cell_recipes"]],
-        **_page_hook(ui["sweep"], "mergeLabSweep", in_webui),
+        **_page_hook("mergeLabSweep", in_webui),
     )  # fmt: skip
     ui["save_cell"].click(
         lambda label, recipes, state: experiments.save_recipe_file(
@@ -272,9 +271,7 @@ def wire_experiments(host: AppHost, ui: dict, in_webui: bool) -> None:
     )  # fmt: skip
     if in_webui:
         txt2img = [ui[name] for name in experiments.IMAGE_FIELDS]
-        ui["from_txt2img"].click(
-            None, inputs=txt2img, outputs=txt2img, **_page_hook(ui["from_txt2img"], "mergeLabFromTxt2img", True)
-        )
+        ui["from_txt2img"].click(None, inputs=txt2img, outputs=txt2img, **compat.page_hook("mergeLabFromTxt2img"))
 
     wire_greedy(host, ui, in_webui)
 
@@ -296,7 +293,7 @@ def wire_greedy(host: AppHost, ui: dict, in_webui: bool) -> None:
         on_greedy_start,
         inputs=[ui["task_id"], ui["greedy_candidates"], ui["greedy_prompts"], ui["greedy_scorer"], *image_inputs,
                 ui["page"]],
-        outputs=greedy_outputs, **_page_hook(ui["greedy_start"], "mergeLabTask", in_webui),
+        outputs=greedy_outputs, **_page_hook("mergeLabTask", in_webui),
     )  # fmt: skip
 
     def decide(add: bool):
@@ -304,7 +301,7 @@ def wire_greedy(host: AppHost, ui: dict, in_webui: bool) -> None:
 
     for name, add in (("greedy_keep", False), ("greedy_add", True)):
         ui[name].click(decide(add), inputs=[ui["task_id"], ui["greedy_walk"], ui["page"]], outputs=greedy_outputs,
-                       **_page_hook(ui[name], "mergeLabTask", in_webui))  # fmt: skip
+                       **_page_hook("mergeLabTask", in_webui))  # fmt: skip
     ui["greedy_save"].click(
         lambda recipe, page: experiments.save_recipe_file(host, recipe, "find a greedy soup", page_owner(page)),
         inputs=[ui["greedy_recipe"], ui["page"]], outputs=[result],
@@ -331,7 +328,7 @@ def wire_recipe_events(host: AppHost, ui: dict, fields: list) -> None:
             return gr.update(value=None), f"Not saved: {err}"
 
     ui["save_recipe"].click(save, inputs=fields, outputs=[ui["recipe_file"], ui["recipe_note"]], queue=False)
-    upload_dirs = method_controls.upload_folders(ui["load_recipe"])
+    upload_dirs = compat.upload_folders(ui["load_recipe"])
     ui["load_recipe"].upload(
         lambda upload, method: method_controls.load_recipe(upload, ALL_FIELDS, method, upload_dirs),
         inputs=[ui["load_recipe"], ui["interp_method"]], outputs=[*fields, ui["recipe_note"], ui["loading_recipe"]],
@@ -358,7 +355,9 @@ def _request_fields(named: dict) -> dict:
 
 def page_owner(page: dict) -> str:
     """This page's id, made at its first use and kept in its state, so Cancel on this page stops
-    only the jobs this page started (gradio hands each event the page's same state object)."""
+    only the jobs this page started. gradio 3 and 4 alike copy a ``gr.State``'s value once per page
+    (session) and then hand every event of that page, queued or not, the same object, so the id
+    stored in place stays (tests/test_app_browser.py checks it in a real page)."""
     return page.setdefault("owner", uuid.uuid4().hex)
 
 
@@ -413,9 +412,6 @@ def _describe(label: str) -> str:
     return f"{summary} {pickers_text(method)}"
 
 
-def _page_hook(button: gr.Button, function: str, in_webui: bool) -> dict:
-    """The page script to run before the event, under the name this gradio uses (``_js`` or ``js``)."""
-    if not in_webui:
-        return {}
-    parameter = "js" if "js" in inspect.signature(button.click).parameters else "_js"
-    return {parameter: function}
+def _page_hook(function: str, in_webui: bool) -> dict:
+    """The page script to run before the event, in the webui only (the standalone page has none)."""
+    return compat.page_hook(function) if in_webui else {}
