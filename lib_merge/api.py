@@ -238,7 +238,7 @@ def _models(host: AppHost) -> list[dict]:
 
 def _fields(body) -> dict:
     """The body's fields as a dict, with pydantic 1 (the webui's) or 2."""
-    return body.dict() if hasattr(body, "dict") else body.model_dump()
+    return body.model_dump() if hasattr(body, "model_dump") else body.dict()  # pydantic 2 (Forge), else 1
 
 
 def _status(err: MergeError) -> int:
