@@ -48,6 +48,28 @@ class Client:
         fields = ", ".join(f for f in info.split(", ") if f.startswith("Model"))
         return hashlib.sha256(image.tobytes()).hexdigest(), fields
 
+    def check_xyz_axes(self, image: dict, refusal_field: str) -> None:
+        """The X/Y/Z plot's "Merge Lab: alpha" axis, with a checkpoint loaded as its file holds it:
+        refused, saying why (the host's API puts the text under ``refusal_field``); then, after a
+        Try of rand_a + rand_b, beside a CFG axis, every cell made with its own merge and CFG."""
+        image = {**image, "script_name": "x/y/z plot"}
+        rest = [True, True, False, False, False, False, False, 0, False]  # legend, lone images, ... margin, csv
+        alpha = [self.xyz_index("Merge Lab: alpha"), "0.2, 0.6", []]
+        status, answer = self.call("/sdapi/v1/txt2img", {**image, "script_args": [*alpha, 0, "", [], 0, "", [], *rest]})
+        assert status == 500 and "Try a merge in the Merge Lab tab first" in answer[refusal_field], answer
+
+        models = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
+        assert self.call("/merge-lab/v1/try", {**models, "multiplier": 0.5})[0] == 200
+        cfg = [self.xyz_index("CFG Scale"), "3, 7", []]
+        status, answer = self.call("/sdapi/v1/txt2img", {**image, "script_args": [*alpha, *cfg, 0, "", [], *rest]})
+        assert status == 200, answer
+        cells = [text for text in json.loads(answer["info"])["infotexts"] if "X Type" not in text]
+        seen = sorted((part(text, "Model: "), part(text, "CFG scale: ")) for text in cells)
+        assert seen == [
+            ("0.4(rand_a) + 0.6(rand_b)", "3.0"), ("0.4(rand_a) + 0.6(rand_b)", "7.0"),
+            ("0.8(rand_a) + 0.2(rand_b)", "3.0"), ("0.8(rand_a) + 0.2(rand_b)", "7.0"),
+        ]  # fmt: skip
+
     def xyz_index(self, label: str) -> int:
         """The index of an axis in txt2img's X/Y/Z plot, as its x_type dropdown (type=index) lists them."""
         status, scripts = self.call("/sdapi/v1/script-info")

@@ -33,7 +33,6 @@ from host_e2e import (
     Client,
     choose_a_and_b,
     open_merge_lab,
-    part,
     pick,
     recipe_of,
     set_number,
@@ -261,23 +260,7 @@ def test_the_xyz_plot_has_merge_lab_axes_that_vary_the_tried_merge(forge):
     # A checkpoint no test tried a merge on, loaded from its file (Forge loads at the next image).
     call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_inpaint.safetensors"})
     forge_api.pixels_and_model(IMAGE)
-    image = {**IMAGE, "script_name": "x/y/z plot"}
-    rest = [True, True, False, False, False, False, False, 0, False]  # legend, lone images, ... margin, csv
-    alpha = [forge_api.xyz_index("Merge Lab: alpha"), "0.2, 0.6", []]
-    status, answer = call("/sdapi/v1/txt2img", {**image, "script_args": [*alpha, 0, "", [], 0, "", [], *rest]})
-    # refused, saying why (Forge's API puts an exception's text under "message")
-    assert status == 500 and "Try a merge in the Merge Lab tab first" in answer["message"]
-
-    assert call("/merge-lab/v1/try", {**A_AND_B, "multiplier": 0.5})[0] == 200
-    cfg = [forge_api.xyz_index("CFG Scale"), "3, 7", []]
-    status, answer = call("/sdapi/v1/txt2img", {**image, "script_args": [*alpha, *cfg, 0, "", [], *rest]})
-    assert status == 200, answer
-    cells = [text for text in json.loads(answer["info"])["infotexts"] if "X Type" not in text]
-    seen = sorted((part(text, "Model: "), part(text, "CFG scale: ")) for text in cells)
-    assert seen == [
-        ("0.4(rand_a) + 0.6(rand_b)", "3.0"), ("0.4(rand_a) + 0.6(rand_b)", "7.0"),
-        ("0.8(rand_a) + 0.2(rand_b)", "3.0"), ("0.8(rand_a) + 0.2(rand_b)", "7.0"),
-    ]  # fmt: skip
+    forge_api.check_xyz_axes(IMAGE, "message")  # Forge's API puts an exception's text under "message"
 
 
 def test_a_lora_in_the_prompt_patches_a_tried_merge_as_it_patches_the_saved_file(forge):
