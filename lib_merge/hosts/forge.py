@@ -31,9 +31,6 @@ FP8 = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasa
 class ForgeHost(WebuiHost):
     """Forge's services behind the AppHost protocol; checkpoints go by name, as Forge's dropdown lists them."""
 
-    def register(self, path, sha256: str) -> str:
-        return _checkpoint_info(super().register(path, sha256)).name
-
     def _switch(self, name: str) -> str:
         """Select the checkpoint the way Forge's top dropdown does, and load it now, not at the next
         generation: the next image, its infotext and a Try all see it (nothing happens when it is
@@ -48,9 +45,8 @@ class ForgeHost(WebuiHost):
         sd_models.model_data.forge_hash = None
         sd_models.forge_model_reload()
 
-    def restore(self) -> str:
-        self._reload_from_file()
-        return shared.sd_model.sd_checkpoint_info.name
+    def _shown_name(self, info) -> str:
+        return info.name
 
     def _refuse_what_try_cannot_do(self) -> None:
         modules = list(getattr(shared.opts, "forge_additional_modules", None) or [])

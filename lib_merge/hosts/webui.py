@@ -76,7 +76,7 @@ class WebuiHost:
         sd_models.list_models()
         info = sd_models.checkpoint_aliases.get(name)
         if info is not None:
-            return info.title
+            return self._shown_name(info)
         raise InputError(f"{path}: written, but the webui does not list it (is it outside the checkpoint folder?)")
 
     def device(self) -> str:
@@ -198,7 +198,11 @@ class WebuiHost:
     def restore(self) -> str:
         """Reload the loaded checkpoint from its file (a tried merge is dropped); returns its title."""
         self._reload_from_file()
-        return shared.sd_model.sd_checkpoint_info.title
+        return self._shown_name(shared.sd_model.sd_checkpoint_info)
+
+    def _shown_name(self, info) -> str:
+        """How the host's checkpoint dropdown names a checkpoint: the webui by its title."""
+        return info.title
 
     def samplers(self) -> list[str]:
         return list(sd_samplers.visible_sampler_names())
