@@ -25,9 +25,9 @@ from .errors import (
     UnsafePickleError,
 )
 from .hosts import Checkpoint, FolderHost, Host
+from .io.formats import open_checkpoint
 from .io.input_cache import InputCache
 from .io.metadata import copy_config
-from .io.readers import open_checkpoint
 from .methods import METHODS, get_method
 from .plan import Plan, make_plan
 from .request import MergeRequest

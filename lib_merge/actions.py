@@ -14,7 +14,7 @@ from typing import Any
 from . import arch, merge
 from .errors import MergeError, RequestError, brief
 from .hosts import AppHost
-from .io.readers import open_checkpoint
+from .io.formats import open_checkpoint
 from .loop import runner
 from .loop.sweep import parse_axis
 from .plan import make_plan

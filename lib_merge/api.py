@@ -21,7 +21,7 @@ from . import actions, arch
 from .auth import Credentials, check_basic_auth
 from .errors import CancelledError, IncompatibleModelsError, MergeError, OutputError, RequestError, brief
 from .hosts import AppHost
-from .io.readers import open_checkpoint
+from .io.formats import open_checkpoint
 from .loop.runner import ImageSettings
 from .methods import METHODS
 from .request import MergeRequest

@@ -19,7 +19,8 @@ from . import arch, blocks, names
 from .errors import IncompatibleModelsError, InputError, MergeError, OutputError, RequestError
 from .hosts import Checkpoint, Host
 from .io import metadata as meta
-from .io.readers import CheckpointReader, TensorSpec, open_checkpoint
+from .io.formats import open_checkpoint
+from .io.readers import CheckpointReader, TensorSpec
 from .io.writer import safetensors_header
 from .methods import Method, get_method
 from .recipe import MergeNode, ModelRef
@@ -105,6 +106,7 @@ class Plan:
             lines.append(
                 f"{role}: {source.checkpoint.name}: {source.family}, {len(reader)} keys, "
                 f"{', '.join(dtypes)}, {_size(reader.nbytes)}"
+                + (f"; {reader.format_note}" if reader.format_note else "")
             )
         if len(self.sources) > 1:
             others = "B" if len(self.sources) == 2 else "the other inputs"

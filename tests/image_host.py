@@ -20,7 +20,7 @@ from PIL import Image
 
 from lib_merge import FolderHost, merge_into
 from lib_merge.errors import CancelledError
-from lib_merge.io.readers import open_checkpoint
+from lib_merge.io.formats import open_checkpoint
 from lib_merge.loop.runner import Generated
 
 

@@ -51,6 +51,7 @@ IMAGE = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "s
 A_AND_B = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors"}
 SDXL_INPUTS = {"merge_lab_xl_a.safetensors": 11, "merge_lab_xl_b.safetensors": 12}
 LORA = "merge_lab_e2e_lora"
+GGUF_UNET = "merge_lab_e2e_unet.gguf"
 
 if FORGE is None:
     pytest.skip("set MERGE_LAB_FORGE=/path/to/forge/webui to run the real-Forge check", allow_module_level=True)
@@ -79,6 +80,24 @@ def write_lora(path: Path) -> Path:
     return path
 
 
+def write_gguf_unet_and_its_modules(models: Path) -> list[Path]:
+    """rand_a as people load GGUF files in Forge: its UNet alone, Q8_0, in a .gguf (made by
+    tests/make_gguf_checkpoint.py), its VAE and text encoder in files of Forge's VAE and
+    text_encoder folders, for its "VAE / Text Encoder" list. Returns those two module files."""
+    import safetensors.torch
+
+    subprocess.run([sys.executable, str(ROOT / "tests" / "make_gguf_checkpoint.py"), str(models / "rand_a.safetensors"),
+                    str(models / GGUF_UNET), "--only", "model.diffusion_model."], check=True)  # fmt: skip
+    tensors = safetensors.torch.load_file(str(models / "rand_a.safetensors"))
+    modules = []
+    for folder, prefix in (("VAE", "first_stage_model."), ("text_encoder", "cond_stage_model.")):
+        path = FORGE / "models" / folder / f"merge_lab_e2e_{folder.lower()}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        safetensors.torch.save_file({k: v for k, v in tensors.items() if k.startswith(prefix)}, str(path))
+        modules.append(path)
+    return modules
+
+
 def start_forge(**environment: str) -> None:
     subprocess.run(["bash", str(KIT / "start.sh"), str(FORGE), str(PORT), "--api-auth", API_AUTH],
                    env={**os.environ, **environment}, check=True)  # fmt: skip
@@ -97,11 +116,14 @@ def forge():
                             "--seed", str(seed)], check=True)  # fmt: skip
     before = set(models.iterdir())
     lora = write_lora(FORGE / "models" / "Lora" / f"{LORA}.safetensors")
+    gguf_modules = write_gguf_unet_and_its_modules(models)  # Forge lists modules when it starts
     start_forge()
     try:
         yield models
     finally:
         lora.unlink()
+        for path in gguf_modules:
+            path.unlink()
         with contextlib.suppress(OSError):  # Forge may have died (its log says why)
             call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
         subprocess.run(["bash", str(KIT / "stop.sh"), str(FORGE)], check=False)
@@ -297,6 +319,31 @@ def test_cancel_through_the_api_stops_only_its_own_merge_and_leaves_no_file(forg
     merge.join()
     assert answer["status"] == 409 and "cancelled" in json.dumps(answer["body"])
     assert sorted(p.name for p in forge.iterdir()) == before  # no file, no temp file
+
+
+def test_a_gguf_unet_merges_and_loads_beside_forges_modules_where_try_is_refused(forge):
+    """Forge lists GGUF files and loads one as the diffusion model beside the VAE and text encoder
+    chosen in its "VAE / Text Encoder" list (an SD1.5 GGUF holding all three it cannot load: its
+    text encoder loader takes no GGUF tensor). Merge Lab reads the GGUF (dequantised by the gguf
+    package), merges it with a safetensors file and loads the merge beside the same modules; a Try
+    is refused while modules are chosen, and the loaded model is kept."""
+    modules = [str(FORGE / "models" / folder / f"merge_lab_e2e_{folder.lower()}.safetensors")
+               for folder in ("VAE", "text_encoder")]  # fmt: skip
+    gguf_and_b = {"primary_model_name": GGUF_UNET, "secondary_model_name": "rand_b.safetensors", "multiplier": 0.5}
+    status, listed = call("/merge-lab/v1/models", None)
+    assert status == 200 and GGUF_UNET in json.dumps(listed), listed
+    call("/sdapi/v1/options", {"forge_additional_modules": modules})
+    try:
+        status, saved = call("/merge-lab/v1/merge", {**gguf_and_b, "custom_name": f"{MERGED}_gguf", "load": True})
+        assert status == 200 and saved["loaded"], saved
+        merged = forge_api.pixels_and_model(IMAGE)
+        assert merged[1] == f"Model hash: {saved['sha256'][:10]}, Model: {MERGED}_gguf"
+
+        status, answer = call("/merge-lab/v1/try", gguf_and_b)
+        assert status == 422 and "Forge's 'VAE / Text Encoder' list has 2 module(s) chosen" in answer["detail"], answer
+        assert forge_api.pixels_and_model(IMAGE) == merged
+    finally:
+        call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors", "forge_additional_modules": []})
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lib_merge import FolderHost, InputError, MergeRequest, OutputError, UnsafePickleError, merge
-from lib_merge.io.readers import DTYPES, TensorSpec, open_checkpoint
+from lib_merge.io.formats import open_checkpoint
+from lib_merge.io.readers import DTYPES, TensorSpec
 from lib_merge.io.writer import CkptWriter, TempFile, ckpt_size, remove_leftovers, safetensors_header
 from lib_merge.plan import make_plan
 

@@ -13,7 +13,7 @@ from image_host import ImageHost, sd15_module
 
 from lib_merge import merge, merge_into
 from lib_merge.errors import RequestError
-from lib_merge.io.readers import open_checkpoint
+from lib_merge.io.formats import open_checkpoint
 from lib_merge.loop.greedy_soup import GreedyWalk
 from lib_merge.loop.runner import ImageSettings, finish_walk, greedy_pair, run_greedy_soup, soup_request
 from lib_merge.recipe import recipe_dict, request_from_recipe

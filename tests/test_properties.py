@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lib_merge import FolderHost, MergeRequest, merge
-from lib_merge.io.readers import TensorSpec, open_checkpoint
+from lib_merge.io.formats import open_checkpoint
+from lib_merge.io.readers import TensorSpec
 from lib_merge.io.writer import SafetensorsWriter
 
 KEY = "model.diffusion_model.middle_block.0.in_layers.0.weight"

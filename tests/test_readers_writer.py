@@ -10,8 +10,9 @@ import torch
 from conftest import SD15, make
 
 from lib_merge import InputError, UnsafePickleError
+from lib_merge.io.formats import open_checkpoint
 from lib_merge.io.mapped_writer import MappedSafetensorsWriter
-from lib_merge.io.readers import TensorSpec, open_checkpoint
+from lib_merge.io.readers import TensorSpec
 from lib_merge.io.writer import CkptWriter, SafetensorsWriter
 
 

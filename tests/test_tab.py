@@ -155,7 +155,7 @@ class TestGreedyHandlers:
         return dict(zip(self.OUTPUTS, out, strict=True))
 
     def test_picking_builds_the_soup_and_save_writes_the_path(self, image_host):
-        from lib_merge.io.readers import open_checkpoint
+        from lib_merge.io.formats import open_checkpoint
         from lib_merge.ui import experiments
 
         out = self.start(image_host, ["b.safetensors", "a.safetensors", "c.safetensors"])

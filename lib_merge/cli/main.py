@@ -15,8 +15,8 @@ from .. import arch
 from ..engine import Progress
 from ..errors import MergeError, RequestError, brief
 from ..hosts import FolderHost
+from ..io.formats import open_checkpoint
 from ..io.metadata import BUILTIN_METHODS
-from ..io.readers import open_checkpoint
 from ..methods import METHODS, get_method
 from ..recipe import MergeNode, ModelRef, dump_recipe
 from ..request import MergeRequest

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import RequestError
 from ..hosts import FolderHost
-from ..io.readers import open_checkpoint
+from ..io.formats import open_checkpoint
 from ..methods import FLOATS, METHODS
 from ..recipe import load_recipe, request_from_recipe
 

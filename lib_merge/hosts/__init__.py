@@ -16,7 +16,9 @@ from typing import Protocol
 
 import torch
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+# What a models folder lists as checkpoints: Forge lists GGUF files too (read, never written).
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
+VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
 _TITLE_HASH = re.compile(r"\s\[[0-9a-fA-F]{8,64}\]$")
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import InputError, shown
 from ..names import inside, shorten
-from . import CHECKPOINT_SUFFIXES, Checkpoint, default_device, devices_here, hash_file, strip_title
+from . import CHECKPOINT_SUFFIXES, VAE_SUFFIXES, Checkpoint, default_device, devices_here, hash_file, strip_title
 
 
 class FolderHost:
@@ -113,7 +113,7 @@ class FolderHost:
         folder = self.vae_dir
         if folder is None or not folder.is_dir():
             return []
-        files = (p for p in folder.rglob("*") if p.suffix.lower() in (*CHECKPOINT_SUFFIXES, ".pt"))
+        files = (p for p in folder.rglob("*") if p.suffix.lower() in VAE_SUFFIXES)
         return sorted(p.relative_to(folder).as_posix() for p in files if p.is_file())
 
     def devices(self) -> list[str]:

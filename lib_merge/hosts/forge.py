@@ -19,7 +19,7 @@ from modules import sd_models, shared
 from modules_forge import main_entry
 
 from ..errors import IncompatibleModelsError, RequestError
-from ..io.readers import open_checkpoint
+from ..io.formats import open_checkpoint
 from . import Checkpoint
 from .webui import WebuiHost, _checkpoint_info
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .readers import CheckpointReader, open_checkpoint
+from .formats import open_checkpoint
+from .readers import CheckpointReader
 
 GiB = 1 << 30
 
@@ -73,7 +74,7 @@ class CachedReader(CheckpointReader):
     """A reader that answers from the cache, reading (and keeping) what it does not hold yet."""
 
     def __init__(self, inner: CheckpointReader, kept: dict[str, torch.Tensor], cache: InputCache):
-        self.path, self.metadata = inner.path, inner.metadata
+        self.path, self.metadata, self.format_note = inner.path, inner.metadata, inner.format_note
         self._specs = {key: inner.spec(key) for key in inner.keys()}
         self._inner, self._kept, self._cache = inner, kept, cache
 

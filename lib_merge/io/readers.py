@@ -87,6 +87,7 @@ class CheckpointReader:
 
     path: Path
     metadata: dict[str, str]
+    format_note: str | None = None  # how the stored numbers became these tensors, where not as stored
 
     def __init__(self, path: Path, specs: dict[str, TensorSpec]):
         self.path = path
@@ -200,14 +201,6 @@ class PickleReader(CheckpointReader):
 
     def close(self) -> None:
         self._tensors = {}
-
-
-def open_checkpoint(path: str | os.PathLike) -> CheckpointReader:
-    """Open a ``.safetensors`` lazily or a ``.ckpt``/``.pt`` safely, by the file's extension."""
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        return PickleReader(path)
-    return SafetensorsReader(path)
 
 
 def _open_input(path: Path):

@@ -16,7 +16,7 @@ import gradio as gr
 from .. import actions, arch
 from ..errors import MergeError, brief
 from ..hosts import AppHost
-from ..io.readers import open_checkpoint
+from ..io.formats import open_checkpoint
 from ..methods import METHODS, get_method
 from ..request import CONFIG_SOURCES, FORMATS
 from . import compat, experiments, method_controls
