@@ -128,3 +128,43 @@ def wait_for_result(page, text: str) -> None:
     page.wait_for_function(
         "t => document.querySelector('#merge_lab_result')?.innerText.includes(t)", arg=text, timeout=900_000
     )
+
+
+def txt2img_settings(page, size: int) -> None:
+    """txt2img's prompt "a red fox", ``size`` x ``size``, 2 steps: what a sweep takes from txt2img."""
+    page.locator("#txt2img_prompt textarea").fill("a red fox")
+    for elem_id, value in (("txt2img_width", size), ("txt2img_height", size), ("txt2img_steps", 2)):
+        set_number(page, elem_id, value)
+
+
+def try_then_save_tried(page, models: Path, name: str) -> None:
+    """In the tab: Try rand_a + rand_b at the default alpha 0.3 (no file written), then Save tried."""
+    open_merge_lab(page)
+    choose_a_and_b(page, name)
+    before = sorted(p.name for p in models.iterdir())
+    page.locator("#merge_lab_try").click()
+    wait_for_result(page, "Trying:")
+    assert f"Trying: {name} [" in page.locator("#merge_lab_result").last.inner_text()
+    assert sorted(p.name for p in models.iterdir()) == before  # a try writes no file
+    page.locator("#merge_lab_save_tried").click()
+    wait_for_result(page, f"Saved: {name}")
+    assert recipe_of(models / f"{name}.safetensors")["merge"]["params"]["alpha"] == 0.3
+
+
+def sweep_with_txt2img_settings(page, x_values: str, points: int, size: int, outputs: Path) -> tuple[str, Path]:
+    """In the tab: an alpha sweep over ``x_values`` with txt2img's settings (``txt2img_settings``).
+    Returns the result text and the grid, saved under the host's ``outputs`` folder."""
+    page.locator("#merge_lab_sweep").get_by_text("Sweep: an X/Y grid of images").click()
+    page.locator("#merge_lab_custom_name textarea").fill("")
+    page.locator("#merge_lab_x_values textarea").fill(x_values)
+    page.locator("#merge_lab_from_txt2img").click()
+    page.wait_for_function("() => document.querySelector('#merge_lab_prompt textarea').value === 'a red fox'")
+    assert page.locator("#merge_lab_width input[type=number]").input_value() == str(size)
+    page.locator("#merge_lab_sweep_run").click()
+    wait_for_result(page, f"Sweep: {points} points")
+    result = page.locator("#merge_lab_result").last.inner_text()
+    grid = Path(result.split("Grid: ")[1].split("\n")[0])
+    assert grid.is_file() and grid.is_relative_to(outputs)  # where the host saves grids
+    assert "alpha 0.1: 0.9(rand_a) + 0.1(rand_b) [" in result and "alpha 0.9: 0.1(rand_a) + 0.9(rand_b) [" in result
+    assert page.locator("#merge_lab_gallery img").count() == points + 1  # the grid, then each cell
+    return result, grid

@@ -31,12 +31,12 @@ import pytest
 from host_e2e import (
     CHROMIUM,
     Client,
-    choose_a_and_b,
-    open_merge_lab,
     pick,
-    recipe_of,
     set_number,
     shot,
+    sweep_with_txt2img_settings,
+    try_then_save_tried,
+    txt2img_settings,
     wait_for_result,
 )
 
@@ -236,32 +236,9 @@ def test_a_sweep_through_the_api_makes_one_image_per_point_and_a_grid(forge):
 
 
 def test_try_save_tried_a_sweep_and_a_greedy_soup_from_the_tab(page, forge):
-    page.locator("#txt2img_prompt textarea").fill("a red fox")
-    for elem_id, value in (("txt2img_width", 64), ("txt2img_height", 64), ("txt2img_steps", 2)):
-        set_number(page, elem_id, value)
-    open_merge_lab(page)
-    choose_a_and_b(page, f"{MERGED}_tried")
-    before = sorted(p.name for p in forge.iterdir())
-    page.locator("#merge_lab_try").click()
-    wait_for_result(page, "Trying:")
-    assert f"Trying: {MERGED}_tried [" in page.locator("#merge_lab_result").last.inner_text()
-    assert sorted(p.name for p in forge.iterdir()) == before  # a try writes no file
-    page.locator("#merge_lab_save_tried").click()
-    wait_for_result(page, f"Saved: {MERGED}_tried")
-    assert recipe_of(forge / f"{MERGED}_tried.safetensors")["merge"]["params"]["alpha"] == 0.3
-
-    page.locator("#merge_lab_sweep").get_by_text("Sweep: an X/Y grid of images").click()
-    page.locator("#merge_lab_custom_name textarea").fill("")
-    page.locator("#merge_lab_x_values textarea").fill("0.1, 0.9")
-    page.locator("#merge_lab_from_txt2img").click()
-    page.wait_for_function("() => document.querySelector('#merge_lab_prompt textarea').value === 'a red fox'")
-    page.locator("#merge_lab_sweep_run").click()
-    wait_for_result(page, "Sweep: 2 points")
-    result = page.locator("#merge_lab_result").last.inner_text()
-    grid = Path(result.split("Grid: ")[1].split("\n")[0])
-    assert grid.is_file() and grid.is_relative_to(FORGE / "outputs")  # where Forge saves grids
-    assert "alpha 0.1: 0.9(rand_a) + 0.1(rand_b) [" in result and "alpha 0.9: 0.1(rand_a) + 0.9(rand_b) [" in result
-    assert page.locator("#merge_lab_gallery img").count() == 3  # the grid, then each cell
+    txt2img_settings(page, 64)
+    try_then_save_tried(page, forge, f"{MERGED}_tried")
+    sweep_with_txt2img_settings(page, "0.1, 0.9", points=2, size=64, outputs=FORGE / "outputs")
     shot(page, "forge-merge-lab-sweep.png")
 
     set_number(page, "merge_lab_seed", 7)

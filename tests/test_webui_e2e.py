@@ -32,6 +32,9 @@ from host_e2e import (
     recipe_of,
     set_number,
     shot,
+    sweep_with_txt2img_settings,
+    try_then_save_tried,
+    txt2img_settings,
     wait_for_result,
 )
 
@@ -295,34 +298,10 @@ def test_try_merges_into_the_loaded_model_and_its_images_match_the_saved_file(we
 
 
 def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, webui):
-    page.locator("#txt2img_prompt textarea").fill("a red fox")
-    for elem_id, value in (("txt2img_width", 128), ("txt2img_height", 128), ("txt2img_steps", 2)):
-        set_number(page, elem_id, value)
-    open_merge_lab(page)
-    choose_a_and_b(page, f"{MERGED}_tried")
-    before = sorted(p.name for p in webui.iterdir())
-    page.locator("#merge_lab_try").click()
-    wait_for_result(page, "Trying:")
-    assert f"Trying: {MERGED}_tried [" in page.locator("#merge_lab_result").last.inner_text()
-    assert sorted(p.name for p in webui.iterdir()) == before  # a try writes no file
-    page.locator("#merge_lab_save_tried").click()
-    wait_for_result(page, f"Saved: {MERGED}_tried")
-    assert recipe_of(webui / f"{MERGED}_tried.safetensors")["merge"]["params"]["alpha"] == 0.3
-
-    page.locator("#merge_lab_sweep").get_by_text("Sweep: an X/Y grid of images").click()
-    page.locator("#merge_lab_custom_name textarea").fill("")
-    page.locator("#merge_lab_x_values textarea").fill("0.1:0.9:0.4")
-    page.locator("#merge_lab_from_txt2img").click()
-    page.wait_for_function("() => document.querySelector('#merge_lab_prompt textarea').value === 'a red fox'")
-    assert page.locator("#merge_lab_width input[type=number]").input_value() == "128"
-    page.locator("#merge_lab_sweep_run").click()
-    wait_for_result(page, "Sweep: 3 points")
-    result = page.locator("#merge_lab_result").last.inner_text()
-    grid = Path(result.split("Grid: ")[1].split("\n")[0])
-    assert grid.is_file() and grid.is_relative_to(WEBUI / "outputs")  # where the webui saves grids
-    assert "alpha 0.1: 0.9(rand_a) + 0.1(rand_b) [" in result and "alpha 0.9: 0.1(rand_a) + 0.9(rand_b) [" in result
+    txt2img_settings(page, 128)
+    try_then_save_tried(page, webui, f"{MERGED}_tried")
+    result, grid = sweep_with_txt2img_settings(page, "0.1:0.9:0.4", points=3, size=128, outputs=WEBUI / "outputs")
     assert "alpha 0.5: 0.5(rand_a) + 0.5(rand_b) [" in result
-    assert page.locator("#merge_lab_gallery img").count() == 4  # the grid, then each cell
     shot(page, "webui-merge-lab-sweep.png")
     if SHOTS:
         shutil.copy(grid, Path(SHOTS) / "merge-lab-sweep-grid.png")  # the README's picture

@@ -15,19 +15,10 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .readers import CheckpointReader, TensorSpec, _open_input, _shown
+from .readers import DTYPES, CheckpointReader, TensorSpec, _open_input, _shown
 
-# ggml type name -> torch dtype, for the types stored as plain numbers.
-PLAIN_TYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-}
+# The ggml types stored as plain numbers: ggml names them as safetensors does.
+PLAIN_TYPES = {name: DTYPES[name] for name in ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8")}
 # Tools that convert checkpoints to GGUF store the shape of tensors they had to reshape here
 # (ComfyUI-GGUF's convert.py: more than 4 dimensions, or rows that do not fit a quantisation block).
 ORIGINAL_SHAPE_FIELD = "comfy.gguf.orig_shape."
