@@ -23,9 +23,12 @@ from .request import MergeRequest
 
 # The built-in run_modelmerger's parameters after id_task, then Merge Lab's own options.
 WEBUI_FIELDS = tuple(f.name for f in dataclasses.fields(MergeRequest))[:15]
+# Merge Lab's own output fields: like the built-in's, a recipe carries them, and its own win.
+OUTPUT_FIELDS = ("dtype",)
+# How to run the merge: these apply to a recipe too.
 EXTRA_FIELDS = ("overwrite", "device")
 # Every field a merge takes, in the order the tab passes them; ``load`` is not the request's own.
-REQUEST_FIELDS = (*WEBUI_FIELDS, *EXTRA_FIELDS, "load")
+REQUEST_FIELDS = (*WEBUI_FIELDS, *OUTPUT_FIELDS, *EXTRA_FIELDS, "load")
 # A recipe (a mapping, or its YAML / JSON text) replaces the model, method and output fields.
 FIELDS = ("id_task", *REQUEST_FIELDS, "recipe")
 
@@ -58,7 +61,8 @@ def request_from_fields(fields: Mapping[str, Any]) -> tuple[MergeRequest, bool]:
         return _request_from_recipe(fields), bool(fields.get("load", False))
     if not fields.get("primary_model_name"):
         raise RequestError("primary_model_name: pick the primary model (A)")
-    values = {name: fields[name] for name in (*WEBUI_FIELDS, *EXTRA_FIELDS) if fields.get(name) is not None}
+    names = (*WEBUI_FIELDS, *OUTPUT_FIELDS, *EXTRA_FIELDS)
+    values = {name: fields[name] for name in names if fields.get(name) is not None}
     try:
         request = MergeRequest(**values)
     except TypeError as err:

@@ -32,11 +32,11 @@ log = logging.getLogger("merge_lab")
 
 
 def _body_model():
-    """The merge body: the built-in's 16 parameters by name, then overwrite, device and load."""
+    """The merge body: the built-in's 16 parameters by name, then dtype, overwrite, device and load."""
     hints = typing.get_type_hints(MergeRequest)
     defaults = {f.name: f.default for f in dataclasses.fields(MergeRequest)}
     fields: dict[str, Any] = {"id_task": (str, "")}
-    for name in actions.WEBUI_FIELDS + actions.EXTRA_FIELDS:
+    for name in actions.WEBUI_FIELDS + actions.OUTPUT_FIELDS + actions.EXTRA_FIELDS:
         kind = Union[int, str] if name == "config_source" else hints[name]  # index or label  # noqa: UP007
         # Numbers are MergeRequest's to check: pydantic's float() of a 400-digit number raises a 500.
         kind = Any if kind is float else kind

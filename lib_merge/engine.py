@@ -5,9 +5,10 @@ this key is computed on the main thread, straight into its place in the output f
 writer can map it (``io/mapped_writer.py``; a helper thread makes those pages ahead of time), and
 a background thread hashes the previous ones (elsewhere: into reused buffers, written by a thread).
 Arithmetic is in float64 on the CPU and CUDA (float32 on MPS, which has no float64), and the
-result is rounded once to the output dtype, so every value is within one unit in the last place
-of the exact result, whatever the multiplier. Memory holds small float64 scratch buffers and a
-few output tensors, never a model.
+result is rounded once to the output dtype (``precision.rounding``: with a chosen precision to
+nearest, ties to even, fp8 saturating; else torch's conversion, as before), so every value is
+within one unit in the last place of the exact result, whatever the multiplier. Memory holds small
+float64 scratch buffers and a few output tensors, never a model.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .errors import CancelledError, IncompatibleModelsError, RequestError
 from .io.mapped_writer import MappedSafetensorsWriter, PreallocationUnsupported
 from .io.writer import CkptWriter, SafetensorsWriter, remove_leftovers
 from .plan import Job, Plan
+from .precision import rounding
 from .steps import Step
 
 CHUNK_ELEMENTS = 1 << 18  # float64 scratch per input: 2 MiB, stays in cache-friendly sizes
@@ -88,7 +90,9 @@ def run_into(
     """Copy each merged tensor into ``target[key]`` in place, writing no file.
 
     ``target`` maps keys to existing tensors (a module's ``state_dict()`` shares their storage); each
-    takes the merged values in its own dtype and device, as loading the merged file into it would.
+    takes the merged values in its own dtype and device, as loading the merged file into it would:
+    each tensor is rounded to the output's dtype first (the request's ``dtype``: bf16, fp8 ...), then
+    cast to the target's.
     Returns the merged keys ``target`` lacks, and notes. After an error or a cancel some tensors hold
     merged values and others do not: the caller reloads what it had.
     """
@@ -246,6 +250,7 @@ class _Compute:
         self.plan = plan
         self.device = device
         self.threads = _TorchThreads()
+        self.round_into = rounding(plan.request.dtype)  # result -> output tensor: the one rounding
         self.notes: list[str] = []
         self._note = ""
         self._scratch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32, float64) per input
@@ -265,7 +270,7 @@ class _Compute:
                 return source, None  # a view of the input's pages: the sink copies it as it is
         out, release = (slot, None) if slot is not None else buffers.take(job.spec)
         if job.kind != "merge":
-            out.copy_(source)  # the built-in's to_half: one rounding
+            self.round_into(out, source)  # the built-in's to_half, or the request's dtype: one rounding
         else:
             self._merge(job, out)
         return out, release
@@ -289,10 +294,10 @@ class _Compute:
             self._chunked(job, out)
         else:
             self.threads.use(self.threads.original)
-            out.copy_(self._evaluate(job.step, job.key, torch.device("cpu")))
+            self.round_into(out, self._evaluate(job.step, job.key, torch.device("cpu")))
 
     def _on_device(self, job: Job, out: torch.Tensor) -> None:
-        out.copy_(self._evaluate(job.step, job.key, self.device))
+        self.round_into(out, self._evaluate(job.step, job.key, self.device))
 
     def _evaluate(self, step: Step, key: str, device: torch.device) -> torch.Tensor:
         """The step on whole tensors: fresh copies of the inputs in the work dtype (or the stored
@@ -337,7 +342,7 @@ class _Compute:
                 None if tensor is None else self._widen(tensor[start:stop], index)
                 for index, tensor in enumerate(flat_in)
             ]
-            flat_out[start:stop].copy_(self._call(job.step, args, job.key))
+            self.round_into(flat_out[start:stop], self._call(job.step, args, job.key))
 
     def _widen(self, piece: torch.Tensor, index: int) -> torch.Tensor:
         """An exact float64 copy of ``piece`` in scratch owned by input ``index``.

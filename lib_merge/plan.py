@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .io.formats import open_checkpoint
 from .io.readers import CheckpointReader, TensorSpec
 from .io.writer import safetensors_header
 from .methods import Method, get_method
+from .precision import describe, output_dtype
 from .recipe import MergeNode, ModelRef
 from .request import MergeRequest
 from .steps import Step, Tree
@@ -116,11 +118,18 @@ class Plan:
             lines.append(f"A is an {self.variant} model: its first 4 input channels are merged, the rest kept")
         merged = sum(job.kind == "merge" for job in self.jobs)
         lines.append(f"Output: {self.output} ({len(self.jobs)} keys, {merged} merged, {_size(self.output_bytes)})")
+        precision = describe(self.request.dtype, self.request.save_as_half)
+        lines.append(f"Output dtypes: {self.output_dtypes()} ({precision})")
         lines.append(f"Free space in {self.output.parent}: {_size(self.free_bytes)}")
         lines += [f"Note: {note}" for note in self.notes]
         lines += [f"Problem: {problem}" for problem in self.problems]
         lines.append("Ready to merge." if self.ok else "Refused: nothing will be written.")
         return "\n".join(lines)
+
+    def output_dtypes(self) -> str:
+        """``float16 (1142 keys), int64 (1 key)``: the output's dtypes, most used first."""
+        counts = Counter(str(job.spec.dtype).removeprefix("torch.") for job in self.jobs)
+        return ", ".join(f"{name} ({n} key{'s' if n != 1 else ''})" for name, n in counts.most_common())
 
     def close(self) -> None:
         for source in self.sources.values():
@@ -237,15 +246,17 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     for key in _write_order(a):
         if discard and discard(key):
             continue
+        primary = a.spec(key).dtype
         if key in vae_keys:
-            jobs.append(Job(key, "vae", _half(vae.spec(vae_keys[key]), request.save_as_half)))
+            jobs.append(Job(key, "vae", _output(vae.spec(vae_keys[key]), request, primary, request.save_as_half)))
             _check_vae_shape(key, a.spec(key), vae.spec(vae_keys[key]), problems)
             continue
         step = bound.step(key, readers, problems)
         if isinstance(step, Step):
-            jobs.append(Job(key, "merge", _half(TensorSpec(step.dtype, step.shape), request.save_as_half), step))
+            spec = _output(TensorSpec(step.dtype, step.shape), request, primary, request.save_as_half)
+            jobs.append(Job(key, "merge", spec, step))
         else:
-            jobs.append(Job(key, "copy", _half(a.spec(key), request.save_as_half and single)))
+            jobs.append(Job(key, "copy", _output(a.spec(key), request, primary, request.save_as_half and single)))
     jobs.sort(key=lambda job: -job.spec.dtype.itemsize)  # stable: keeps every tensor aligned
     others = [reader for role, reader in readers.items() if role != "A"]
     only_a = [k for k in a.keys() if others and any(k not in r for r in others)]
@@ -356,6 +367,12 @@ def _describe(node: MergeNode, roles: dict[str, str]) -> str:
 def _half(spec: TensorSpec, enable: bool) -> TensorSpec:
     """The built-in's to_half: only float32 becomes float16 (bf16 and the rest stay)."""
     return TensorSpec(torch.float16, spec.shape) if enable and spec.dtype == torch.float32 else spec
+
+
+def _output(spec: TensorSpec, request: MergeRequest, primary: torch.dtype, half: bool) -> TensorSpec:
+    """An output tensor's spec: the built-in's dtype (``spec``, to_half where ``half``), then the
+    request's precision (``dtype``), which ``primary`` (A's dtype at that key) serves for "keep"."""
+    return TensorSpec(output_dtype(request.dtype, _half(spec, half).dtype, primary), spec.shape)
 
 
 def _write_order(reader: CheckpointReader) -> list[str]:

@@ -11,7 +11,7 @@ serialised ``MergeRequest``: the tree plus the request's output fields, under th
       models: [base.safetensors, {model: a.safetensors, sha256: 3f0c...}, b.safetensors]
       params: {density: 0.2, lambda: 1.0}
       blocks: {lambda: "BASE=0,IN*=0.5"}
-    output: {save_as_half: true, custom_name: my-merge}
+    output: {dtype: bf16, custom_name: my-merge}   # dtype: keep, fp32, fp16, bf16, fp8_e4m3fn, fp8_e5m2
     greedy_soup: {...}   # optional: how the merge was found (MergeRequest.provenance), not used to merge
 """
 
@@ -52,6 +52,7 @@ OUTPUT_FIELDS = (
     "add_merge_recipe",
     "copy_metadata_fields",
     "metadata_json",
+    "dtype",
 )
 # What a recipe may say about how its merge was found (MergeRequest.provenance), each a mapping.
 PROVENANCE_KEYS = ("greedy_soup",)
@@ -183,6 +184,8 @@ def recipe_dict(request, tree: MergeNode | None = None) -> dict:
     """The recipe of a request: its tree (or ``tree``, the one as merged), its output fields, and
     how it was found (its provenance's entries, e.g. ``greedy_soup``), when known."""
     output = {name: getattr(request, name) for name in OUTPUT_FIELDS}
+    if not output["dtype"]:
+        del output["dtype"]  # the built-in's precision: recipes (and their hashes) from before dtype stay the same
     recipe = {"merge_lab_recipe": VERSION, "merge": (tree or request.root()).to_dict(), "output": output}
     return {**recipe, **(request.provenance or {})}
 

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 
 from .errors import RequestError, shown
+from .precision import check_choice
 from .recipe import MergeNode, ModelRef, check_provenance, check_tree_depth
 
 CONFIG_SOURCES = ("A, B or C", "B", "C", "Don't")
@@ -41,6 +42,9 @@ class MergeRequest:
     # Merge Lab's own: an existing output is refused unless overwrite; device "auto" asks the host.
     overwrite: bool = False
     device: str = "auto"
+    # The output's precision (lib_merge/precision.py): "" the built-in's (the inputs' type promotion,
+    # save_as_half's float32 -> float16), "keep" the primary's, or fp32, fp16, bf16, fp8_e4m3fn, fp8_e5m2.
+    dtype: str = ""
     # An exact output file (the CLI's -o); empty: the built-in's naming in the host's folder.
     output_path: str = ""
     # A recipe tree (any method, nested, per-block parameters); None: the built-in's fields above say
@@ -52,6 +56,7 @@ class MergeRequest:
 
     def __post_init__(self):
         check_provenance(self.provenance)
+        object.__setattr__(self, "dtype", check_choice(self.dtype, self.save_as_half))
         if self.tree is not None:
             check_tree_depth(self.tree)
         if not isinstance(self.device, str) or not DEVICES.fullmatch(self.device):

@@ -121,9 +121,24 @@ def _dtype(arg: str | Step, key: str, readers) -> torch.dtype:
     return readers[arg].spec(key).dtype if isinstance(arg, str) else arg.dtype
 
 
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
 def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
     """Type promotion of the inputs; integers scaled by a float multiplier become float32, as in torch."""
     result = dtypes[0]
     for dtype in dtypes[1:]:
-        result = torch.promote_types(result, dtype)
+        result = _promote_pair(result, dtype)
     return result if result.is_floating_point else torch.float32
+
+
+def _promote_pair(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """torch's promotion, which refuses float8 beside any other type: there, the other float type
+    (every fp8 value is exact in float16, bfloat16 and wider), float16 for the two fp8 kinds
+    together, the fp8 type beside an integer."""
+    if a == b or (a not in FLOAT8 and b not in FLOAT8):
+        return torch.promote_types(a, b)
+    other = b if a in FLOAT8 else a
+    if other in FLOAT8:
+        return torch.float16
+    return other if other.is_floating_point else (a if a in FLOAT8 else b)

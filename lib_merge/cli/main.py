@@ -11,7 +11,7 @@ import traceback
 from collections import Counter
 from pathlib import Path
 
-from .. import arch
+from .. import arch, precision
 from ..engine import Progress
 from ..errors import MergeError, RequestError, brief
 from ..hosts import FolderHost
@@ -78,7 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a parameter per block: BASE,IN00,...,OUT11 values, IN04=0.3,OUT*=0.7 overrides, or a preset name",
     )
     merge.add_argument("-o", "--output", required=True, type=Path, help="output file: .safetensors or .ckpt")
-    merge.add_argument("--half", action="store_true", help="save float32 results as float16")
+    merge.add_argument("--half", action="store_true", help="save float32 results as float16 (the built-in's)")
+    merge.add_argument(
+        "--dtype",
+        default="",
+        choices=precision.CHOICES,
+        help="output precision of every float tensor: keep (the primary's), fp32, fp16, bf16, fp8_e4m3fn or "
+        "fp8_e5m2 (saturating); rounded once to nearest (default: the inputs' type, as the built-in)",
+    )
     merge.add_argument("--vae", help="VAE file to bake in")
     merge.add_argument("--discard", default="", metavar="REGEX", help="drop keys matching this regex")
     merge.add_argument("--no-metadata", action="store_true", help="write no metadata")
@@ -141,6 +148,7 @@ def request_from_args(args) -> MergeRequest:
     block_texts = dict(_pairs(args.blocks, "--blocks"))
     options = {
         "save_as_half": args.half,
+        "dtype": args.dtype,
         "checkpoint_format": "ckpt" if args.output.suffix.lower() in (".ckpt", ".pt") else "safetensors",
         "config_source": CONFIG_CHOICES[args.config_source],
         "bake_in_vae": args.vae or "None",

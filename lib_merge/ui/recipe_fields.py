@@ -11,6 +11,7 @@ import html
 from .. import blocks
 from ..io.metadata import BUILTIN_METHODS
 from ..methods import FLOATS, METHODS, get_method
+from ..precision import BUILTIN
 from ..recipe import OUTPUT_FIELDS, VERSION, MergeNode, ModelRef, node_from_dict
 
 PARAM_NAMES = tuple(dict.fromkeys(name for m in METHODS.values() for name in m.params if name != "alpha"))
@@ -83,6 +84,7 @@ def controls_from_recipe(recipe: dict) -> dict | None:
     block_param, block_text = next(iter(node.blocks.items()), ("", ""))
     values.update(block_param=block_param, block_text=block_text)
     values.update(recipe.get("output") or {})
+    values["dtype"] = values.get("dtype") or BUILTIN  # a recipe without one merges as the built-in
     return values
 
 

@@ -13,7 +13,7 @@ import uuid
 
 import gradio as gr
 
-from .. import actions, arch
+from .. import actions, arch, precision
 from ..errors import MergeError, brief
 from ..hosts import AppHost
 from ..io.formats import open_checkpoint
@@ -32,7 +32,7 @@ ALL_FIELDS = (*REQUEST_FIELDS, *TAB_FIELDS)
 # The fields that change what the preflight says (the metadata ones do not).
 PREFLIGHT_INPUTS = (
     "primary_model_name", "secondary_model_name", "tertiary_model_name", "interp_method", "multiplier",
-    "save_as_half", "custom_name", "checkpoint_format", "bake_in_vae", "discard_weights", "overwrite",
+    "save_as_half", "dtype", "custom_name", "checkpoint_format", "bake_in_vae", "discard_weights", "overwrite",
     *TAB_FIELDS,
 )  # fmt: skip
 
@@ -98,6 +98,10 @@ def build_output(host: AppHost) -> dict:
             list(FORMATS), value="safetensors", label="Format", elem_id="merge_lab_checkpoint_format"
         )
         save_as_half = gr.Checkbox(False, label="Save as float16", elem_id="merge_lab_save_as_half")
+        dtype = gr.Dropdown(
+            list(precision.CHOICES), value=precision.BUILTIN, elem_id="merge_lab_dtype",
+            label="Output precision (builtin: the inputs' type; keep: A's; rounded once, fp8 saturating)",
+        )  # fmt: skip
         overwrite = gr.Checkbox(False, label="Overwrite an existing file", elem_id="merge_lab_overwrite")
     with gr.Row():
         config_source = gr.Radio(
@@ -119,6 +123,7 @@ def build_output(host: AppHost) -> dict:
         "custom_name": custom_name,
         "checkpoint_format": checkpoint_format,
         "save_as_half": save_as_half,
+        "dtype": dtype,
         "overwrite": overwrite,
         "config_source": config_source,
         "bake_in_vae": bake_in_vae,
