@@ -1,32 +1,29 @@
-"""Per-block parameters ("block weights"): which UNet block a key belongs to, and per-block values.
+"""Per-block parameters ("block weights"): which block of the model a key belongs to, and per-block values.
 
-The block names and the comma-list order follow supermerger / sdweb-merge-block-weighted:
-``BASE, IN00.., M00, OUT00..``. ``BASE`` holds every key outside the UNet and the VAE (text
-encoders, schedule buffers, EMA); ``VAE`` holds ``first_stage_model.`` and is not in the list.
+The block names and the comma-list order follow supermerger / sdweb-merge-block-weighted for the
+UNets: ``BASE, IN00.., M00, OUT00..``; Flux has ``BASE, D00-D18`` (double blocks) ``, S00-S37``
+(single blocks) and SD3 ``BASE, J00..`` (joint blocks, 24 or 38 by model size). ``BASE`` holds
+every key outside the blocks and the VAE (text encoders, embedders, final layers, schedule
+buffers, EMA); ``VAE`` holds the VAE's keys and is not in the list.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from importlib import resources
 
-from .arch import FLUX, SD1, SD2, SD3, SDXL, SDXL_REFINER
+from .arch import FLUX, FLUX_SCHNELL, SD1, SD2, SD3, SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, SDXL, SDXL_REFINER
 from .errors import RequestError, shown
 
 BASE, MIDDLE, VAE = "BASE", "M00", "VAE"
-
-# Number of input and output blocks per family. The SDXL refiner (channel_mult 1,2,4,4 with two
-# res blocks per level) has the SD1 numbering: input_blocks.0-11, output_blocks.0-11.
-_UNET_BLOCKS = {SD1: (12, 12), SD2: (12, 12), SDXL_REFINER: (12, 12), SDXL: (9, 9)}
-# Families whose UNet keys (joint_blocks, double_blocks ...) have no block map yet.
-_NO_BLOCK_MAP = (SD3, FLUX)
 
 _UNET = r"^model\.diffusion_model\."
 _INPUT = re.compile(_UNET + r"input_blocks\.(\d+)\.")
@@ -34,48 +31,36 @@ _OUTPUT = re.compile(_UNET + r"output_blocks\.(\d+)\.")
 _MIDDLE = re.compile(_UNET + r"middle_block\.")
 _BEFORE_INPUTS = re.compile(_UNET + r"(?:time_embed|label_emb)\.")  # run before input_blocks.0
 _AFTER_OUTPUTS = re.compile(_UNET + r"out\.")  # the final norm + conv, after the last output block
-_FIRST_STAGE = re.compile(r"^first_stage_model\.")
+# Transformer keys come with the prefix (a full checkpoint) or bare (a transformer-only file).
+_TRANSFORMER = r"^(?:model\.diffusion_model\.)?"
+_DOUBLE = re.compile(_TRANSFORMER + r"double_blocks\.(\d+)\.")
+_SINGLE = re.compile(_TRANSFORMER + r"single_blocks\.(\d+)\.")
+_JOINT = re.compile(_TRANSFORMER + r"joint_blocks\.(\d+)\.")
+# SD1/SD2/SDXL/SD3 keep the VAE under first_stage_model., a full Flux checkpoint under vae.
+_VAE = re.compile(r"^(?:first_stage_model|vae)\.")
 
 
-def _unet_blocks(family: str) -> tuple[int, int] | None:
-    """(input blocks, output blocks) of ``family``; None for SD3/Flux; RequestError for others."""
-    if family in _NO_BLOCK_MAP:
-        return None
-    if family not in _UNET_BLOCKS:
-        known = ", ".join([*_UNET_BLOCKS, *_NO_BLOCK_MAP])
-        raise RequestError(f"no block layout for model family {family!r} (known: {known})")
-    return _UNET_BLOCKS[family]
+@dataclass(frozen=True)
+class _Layout:
+    """A family's blocks after BASE, in comma-list order, in the three parts the presets fill: the
+    blocks on the way in (IN, Flux's double blocks, SD3's first half of joint blocks), the middle
+    block (a UNet's M00; none in a transformer), the blocks on the way out (OUT, single, second half)."""
+
+    way_in: tuple[str, ...]
+    middle: tuple[str, ...]
+    way_out: tuple[str, ...]
+    block: Callable[[str], str | None]  # the block of a key, None for BASE
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (BASE, *self.way_in, *self.middle, *self.way_out)
 
 
-def block_names(family: str) -> tuple[str, ...]:
-    """The blocks of ``family`` in comma-list order: SD1/SD2/SDXL refiner 26 names, SDXL 20, SD3/Flux BASE only.
-
-    An unknown family raises RequestError rather than guessing a layout.
-    """
-    counts = _unet_blocks(family)
-    if counts is None:
-        return (BASE,)
-    inputs, outputs = counts
-    return (BASE, *(f"IN{i:02d}" for i in range(inputs)), MIDDLE, *(f"OUT{i:02d}" for i in range(outputs)))
+def _numbered(prefix: str, count: int, start: int = 0) -> tuple[str, ...]:
+    return tuple(f"{prefix}{i:02d}" for i in range(start, start + count))
 
 
-def block_note(family: str) -> str | None:
-    """A note to show next to per-block values for families without a block map, else None."""
-    if family in _NO_BLOCK_MAP:
-        return f"{family} has no block map yet: every key uses the BASE value"
-    return None
-
-
-def block_of(key: str, family: str = SD1) -> str:
-    """The block of ``key`` in ``family`` (default SD1 numbering), from the key name alone.
-
-    ``time_embed.`` and ``label_emb.`` go to IN00 (they run before the input blocks); ``out.`` (the
-    final norm and conv) goes to the family's last output block, OUT11 or OUT08 for SDXL, which is
-    why the family is needed. For SD3 and Flux every key, VAE included, is BASE (see block_note).
-    """
-    counts = _unet_blocks(family)
-    if counts is None:
-        return BASE
+def _unet_block(key: str, last_output: str) -> str | None:
     if match := _INPUT.match(key):
         return f"IN{int(match[1]):02d}"
     if match := _OUTPUT.match(key):
@@ -85,10 +70,100 @@ def block_of(key: str, family: str = SD1) -> str:
     if _BEFORE_INPUTS.match(key):
         return "IN00"
     if _AFTER_OUTPUTS.match(key):
-        return f"OUT{counts[1] - 1:02d}"
-    if _FIRST_STAGE.match(key):
+        return last_output
+    return None
+
+
+def _unet(inputs: int, outputs: int) -> _Layout:
+    """``time_embed.``/``label_emb.`` go to IN00 (they run before the input blocks), ``out.`` (the
+    final norm and conv) to the last output block, as in supermerger."""
+    last_output = f"OUT{outputs - 1:02d}"
+    block = functools.partial(_unet_block, last_output=last_output)
+    return _Layout(_numbered("IN", inputs), (MIDDLE,), _numbered("OUT", outputs), block)
+
+
+def _flux_block(key: str) -> str | None:
+    if match := _DOUBLE.match(key):
+        return f"D{int(match[1]):02d}"
+    if match := _SINGLE.match(key):
+        return f"S{int(match[1]):02d}"
+    return None  # img_in, txt_in, time_in, vector_in, guidance_in, final_layer: BASE
+
+
+def _joint_block(key: str) -> str | None:
+    match = _JOINT.match(key)
+    return f"J{int(match[1]):02d}" if match else None  # embedders, pos_embed, final_layer: BASE
+
+
+def _joint(count: int) -> _Layout:
+    """SD3's joint blocks; for the presets the first half is the way in, the second the way out."""
+    half = count // 2
+    return _Layout(_numbered("J", half), (), _numbered("J", count - half, half), _joint_block)
+
+
+_FLUX_LAYOUT = _Layout(_numbered("D", 19), (), _numbered("S", 38), _flux_block)
+# The SDXL refiner (channel_mult 1,2,4,4 with two res blocks per level) has the SD1 numbering.
+_LAYOUTS = {
+    SD1: _unet(12, 12),
+    SD2: _unet(12, 12),
+    SDXL_REFINER: _unet(12, 12),
+    SDXL: _unet(9, 9),
+    FLUX: _FLUX_LAYOUT,
+    FLUX_SCHNELL: _FLUX_LAYOUT,
+    SD3_MEDIUM: _joint(24),
+    SD35_MEDIUM: _joint(24),
+    SD35_LARGE: _joint(38),
+}
+# SD3 with a joint-block count of no known model: every key takes BASE (see block_note).
+_NO_BLOCK_MAP = (SD3,)
+
+
+def _layout(family: str) -> _Layout | None:
+    """The block layout of ``family``; None for one without a block map; RequestError for others."""
+    if family in _NO_BLOCK_MAP:
+        return None
+    if family not in _LAYOUTS:
+        known = ", ".join([*_LAYOUTS, *_NO_BLOCK_MAP])
+        raise RequestError(f"no block layout for model family {family!r} (known: {known})")
+    return _LAYOUTS[family]
+
+
+def block_names(family: str) -> tuple[str, ...]:
+    """The blocks of ``family`` in comma-list order: SD1/SD2/SDXL refiner 26 names, SDXL 20, Flux 58,
+    SD3 medium 25, SD3.5 large 39; BASE only for an SD3 of another size.
+
+    An unknown family raises RequestError rather than guessing a layout.
+    """
+    layout = _layout(family)
+    return (BASE,) if layout is None else layout.names
+
+
+def is_known_family(family: str) -> bool:
+    """Whether ``family`` has a block list (``block_names`` would not raise)."""
+    return family in _LAYOUTS or family in _NO_BLOCK_MAP
+
+
+def block_note(family: str) -> str | None:
+    """A note to show next to per-block values for a family without a block map, else None."""
+    if family in _NO_BLOCK_MAP:
+        return f"{family} with a joint-block count other than 24 or 38 has no block map: every key uses the BASE value"
+    return None
+
+
+def block_of(key: str, family: str = SD1) -> str:
+    """The block of ``key`` in ``family`` (default SD1 numbering), from the key name alone.
+
+    UNets: ``time_embed.`` and ``label_emb.`` go to IN00; ``out.`` goes to the family's last output
+    block, OUT11 or OUT08 for SDXL, which is why the family is needed. Flux: ``double_blocks.N.``
+    to DNN, ``single_blocks.N.`` to SNN; SD3: ``joint_blocks.N.`` to JNN (keys with the
+    ``model.diffusion_model.`` prefix or bare). VAE keys go to VAE, every other key to BASE.
+    """
+    layout = _layout(family)
+    if layout is None:
+        return BASE
+    if _VAE.match(key):
         return VAE
-    return BASE
+    return layout.block(key) or BASE
 
 
 def _settable(family: str) -> tuple[str, ...]:
@@ -174,12 +249,14 @@ def _is_number(text: str) -> bool:
 
 
 def _layout_text(family: str) -> str:
-    """E.g. 'IN00-IN11, M00, OUT00-OUT11, BASE, VAE', for error messages."""
-    counts = _unet_blocks(family)
-    if counts is None:
+    """E.g. 'IN00-IN11, M00, OUT00-OUT11, BASE, VAE' or 'D00-D18, S00-S37, BASE, VAE', for error messages."""
+    layout = _layout(family)
+    if layout is None:
         return BASE
-    inputs, outputs = counts
-    return f"IN00-IN{inputs - 1:02d}, M00, OUT00-OUT{outputs - 1:02d}, BASE, VAE"
+    blocks = [*layout.way_in, *layout.middle, *layout.way_out]
+    runs = [list(run) for _, run in itertools.groupby(blocks, key=lambda name: name.rstrip("0123456789"))]
+    spans = [run[0] if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs]
+    return ", ".join([*spans, BASE, VAE])
 
 
 def _with_note(message: str, family: str) -> str:
@@ -258,24 +335,30 @@ def presets() -> dict[str, dict]:
     return copy.deepcopy(_preset_table())
 
 
-def _unet_values(spec: dict, inputs: int, outputs: int) -> list[float]:
-    """IN.., M00, OUT.. values of a preset rule."""
+def _rule_values(spec: dict, layout: _Layout) -> list[float]:
+    """The values of a preset's rule for the blocks after BASE: ``steps`` gives the way in, the
+    middle and the way out one value each; ``line`` runs linearly from ``first`` at the first block
+    to ``middle`` at the middle block, or half a block past the way in where there is none, to
+    ``last`` at the last block."""
+    way_in, way_out = len(layout.way_in), len(layout.way_out)
     if "steps" in spec:
         steps = spec["steps"]
-        return [steps["IN"]] * inputs + [steps[MIDDLE]] + [steps["OUT"]] * outputs
+        return [steps["IN"]] * way_in + [steps[MIDDLE]] * len(layout.middle) + [steps["OUT"]] * way_out
     first, middle, last = spec["line"]
-    rising = [(first * (inputs - i) + middle * i) / inputs for i in range(inputs)]
-    falling = [(middle * (outputs - i) + last * i) / outputs for i in range(1, outputs + 1)]
-    return [*rising, middle, *falling]
+    gap = 0 if layout.middle else 0.5  # from the middle point to the nearest block: M00 itself, else half a block
+    rise, fall = way_in - gap, way_out - gap
+    rising = [(first * (rise - i) + middle * i) / rise for i in range(way_in)]
+    falling = [(middle * (fall - d) + last * d) / fall for d in (i + 1 - gap for i in range(way_out))]
+    return [*rising, *([middle] if layout.middle else []), *falling]
 
 
 def _preset(name: str, family: str) -> list[float] | None:
     spec = _preset_table().get(name.lower())
     if spec is None:
         return None
-    counts = _unet_blocks(family)
-    unet = [] if counts is None else _unet_values(spec, *counts)
-    return [float(value) for value in (spec[BASE], *unet)]
+    layout = _layout(family)
+    blocks = [] if layout is None else _rule_values(spec, layout)
+    return [float(value) for value in (spec[BASE], *blocks)]  # from the layout: always one per block
 
 
 def _head_preset(items: list[str], family: str, where: str) -> list[float]:

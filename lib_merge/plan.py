@@ -220,7 +220,7 @@ def _bind(node: MergeNode, roles: dict[str, str], family: str) -> Tree:
         name: blocks.parse_blocks(text, family, param=name, default=params[name]) for name, text in node.blocks.items()
     }
     inputs = [_bind(i, roles, family) if isinstance(i, MergeNode) else roles[i.name] for i in node.inputs]
-    return Tree(method, inputs, params, block_values)
+    return Tree(method, inputs, params, block_values, model_keys_only=family not in arch.TRANSFORMERS)
 
 
 def _open_vae(request: MergeRequest, host: Host) -> CheckpointReader | None:
@@ -262,7 +262,8 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     only_a = [k for k in a.keys() if others and any(k not in r for r in others)]
     only_others = list(dict.fromkeys(k for r in others for k in r.keys() if k not in a))
     variant = next((job.step.variant for job in jobs if job.step and job.step.variant), None)
-    _check_families(sources, problems)
+    refused = _check_families(sources, problems)
+    hash_inputs = hash_inputs and not refused  # refused from the headers: no input is read in full
     inputs = [_input_checkpoint(request, host, s, hash_inputs) for s in sources.values()]
     if any(ref.sha256 for ref in tree.models()):
         known = {role: item.sha256 for role, item in zip(sources, inputs, strict=True)}
@@ -296,7 +297,8 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     note = blocks.block_note(family) if _uses_blocks(tree) else None
     if note:
         plan.notes.append(note)
-    if not single and not any(job.kind == "merge" for job in jobs):
+    plan.notes += _marker_notes(sources)
+    if not single and not refused and not any(job.kind == "merge" for job in jobs):
         plan.problems.insert(0, _nothing_merged(readers, discard is not None))
     return plan
 
@@ -451,14 +453,38 @@ def _check_vae_shape(key: str, model: TensorSpec, vae: TensorSpec, problems: lis
         )
 
 
-def _check_families(sources: dict[str, Source], problems: list) -> None:
+def _check_families(sources: dict[str, Source], problems: list) -> bool:
+    """Refuse inputs of different families (SD1 and SDXL, Flux dev and schnell, SD3 medium and
+    SD3.5 large), naming each input's family and file; True when refused."""
     families = {role: arch.family_of(s.reader.keys()) for role, s in sources.items()}
     known = {f for f in families.values() if f != arch.UNKNOWN}
-    if len(known) > 1:
-        shape_problem = next((p for p in problems if "shape mismatch" in str(p)), None)
-        detail = f"; first mismatch: {shape_problem}" if shape_problem else ""
-        which = ", ".join(f"{role} is {family}" for role, family in families.items())
-        problems.insert(0, IncompatibleModelsError(f"the models are different architectures ({which}){detail}"))
+    if len(known) <= 1:
+        return False
+    shape_problem = next((p for p in problems if "shape mismatch" in str(p)), None)
+    detail = f"; first mismatch: {shape_problem}" if shape_problem else ""
+    which = ", ".join(_family_of_input(role, family, sources[role]) for role, family in families.items())
+    problems.insert(0, IncompatibleModelsError(f"the models are different architectures: {which}{detail}"))
+    return True
+
+
+def _family_of_input(role: str, family: str, source: Source) -> str:
+    """E.g. ``B is Flux schnell (s.safetensors: no guidance_in.* keys)``."""
+    sign = arch.family_sign(family)
+    return f"{role} is {family} ({source.checkpoint.name}{f': {sign}' if sign else ''})"
+
+
+def _marker_notes(sources: dict[str, Source]) -> list[str]:
+    """A note when the inputs disagree on how they are sampled (a v-prediction and an eps model):
+    the output keeps A's marker keys (keys only in B are dropped) and A's modelspec fields."""
+    markers = {role: arch.prediction_markers(s.reader.keys(), s.reader.metadata) for role, s in sources.items()}
+    disagreeing = []
+    for marker in markers["A"]:
+        values = {role: found[marker] for role, found in markers.items()}
+        if len(set(values.values())) > 1:
+            disagreeing.append(f"{marker} " + ", ".join(f"{role} {value}" for role, value in values.items()))
+    if not disagreeing:
+        return []
+    return [f"the inputs disagree on how they are sampled ({'; '.join(disagreeing)}): the output keeps A's"]
 
 
 def _input_checkpoint(request: MergeRequest, host: Host, source: Source, hash_inputs: bool) -> meta.InputCheckpoint:

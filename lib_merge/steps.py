@@ -56,13 +56,17 @@ class Tree:
     inputs: list[str | Tree]
     params: dict  # by parameter name
     blocks: dict[str, blocks.BlockValues]
+    # The built-in merges only keys with "model" in the name, which in an SD checkpoint keeps A's
+    # schedule buffers (betas, alphas_cumprod ...). Flux and SD3 files have none: there the rule
+    # would skip every key of a bare transformer, T5's and the vae.* keys, so they merge every key.
+    model_keys_only: bool = True
 
     def step(self, key: str, readers: dict[str, CheckpointReader], problems: list[MergeError]) -> str | Step | None:
         args = [self._arg(item, key, readers, problems) for item in self.inputs]
         primary = args[0]
         if primary is None:
             return None
-        if "model" not in key or key == SKIP_ON_MERGE:
+        if (self.model_keys_only and "model" not in key) or key == SKIP_ON_MERGE:
             return primary
         if any(arg is None and self._input_name(i) not in self.method.optional for i, arg in enumerate(args)):
             return primary  # the built-in merges only keys that B (here: every required input) has

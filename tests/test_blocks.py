@@ -1,4 +1,4 @@
-"""Per-block parameters: block_of against the full SD1.5 / SDXL key tables, parsing, presets."""
+"""Per-block parameters: block_of against the full SD1.5 / SDXL / Flux / SD3 key tables, parsing, presets."""
 
 from __future__ import annotations
 
@@ -14,8 +14,32 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from transformer_layouts import (
+    FLUX_DOUBLE_BLOCKS,
+    FLUX_SINGLE_BLOCKS,
+    FLUX_TEXT_ENCODER_KEYS,
+    FLUX_VAE_KEYS,
+    SD3_TEXT_ENCODER_KEYS,
+    SD3_VAE_KEYS,
+    SD35_MEDIUM_ATTN2_BLOCKS,
+    flux_keys,
+    sd3_keys,
+)
 
-from lib_merge.arch import FLUX, SD1, SD2, SD3, SDXL, SDXL_REFINER, UNKNOWN, family_of
+from lib_merge.arch import (
+    FLUX,
+    FLUX_SCHNELL,
+    SD1,
+    SD2,
+    SD3,
+    SD3_MEDIUM,
+    SD35_LARGE,
+    SD35_MEDIUM,
+    SDXL,
+    SDXL_REFINER,
+    UNKNOWN,
+    family_of,
+)
 from lib_merge.blocks import (
     BlockValues,
     block_names,
@@ -228,18 +252,205 @@ def test_prefixes_are_anchored(key, block):
     assert block_of(key, SD1) == block
 
 
-@pytest.mark.parametrize(("name", "family"), [("sd3", SD3), ("flux", FLUX)])
-def test_sd3_and_flux_keys_all_use_base(name, family):
-    keys = shared_table(name)
-    assert family_of(keys) == family
-    assert {block_of(key, family) for key in keys} == {"BASE"}
-    assert block_names(family) == ("BASE",)
-    note = block_note(family)
-    assert note is not None and family in note and "BASE" in note
-
-
 def test_no_note_for_families_with_a_block_map():
-    assert [block_note(f) for f in (SD1, SD2, SDXL, SDXL_REFINER)] == [None] * 4
+    mapped = (SD1, SD2, SDXL, SDXL_REFINER, FLUX, FLUX_SCHNELL, SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE)
+    assert [block_note(f) for f in mapped] == [None] * len(mapped)
+    note = block_note(SD3)
+    assert note is not None and "SD3" in note and "BASE" in note and "24 or 38" in note
+
+
+# -- SD2: the SD1 UNet numbering, an OpenCLIP text encoder ----------------------------------------
+
+SD2_TEXT_ENCODER = (
+    "cond_stage_model.model.positional_embedding",
+    "cond_stage_model.model.token_embedding.weight",
+    "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
+    "cond_stage_model.model.transformer.resblocks.22.mlp.c_proj.bias",
+    "cond_stage_model.model.ln_final.weight",
+)
+
+
+def sd2_keys() -> list[str]:
+    """SD2's keys: SD1.5's UNet and VAE (the same key names) with SD2's OpenCLIP text encoder."""
+    return [k for k in table("sd15") if not k.startswith("cond_stage_model.")] + list(SD2_TEXT_ENCODER)
+
+
+def test_sd2_has_the_sd1_blocks_and_its_text_encoder_is_base():
+    keys = sd2_keys()
+    assert family_of(keys) == SD2
+    assert block_names(SD2) == block_names(SD1)
+    for key in keys:
+        expected = "BASE" if key.startswith("cond_stage_model.") else block_of(key, SD1)
+        assert block_of(key, SD2) == expected, key
+    assert {block_of(key, SD2) for key in keys} == {*block_names(SD2), "VAE"}
+    assert [block_of(key, SD2) for key in SD2_TEXT_ENCODER] == ["BASE"] * len(SD2_TEXT_ENCODER)
+
+
+# -- Flux and SD3: transformer blocks -------------------------------------------------------------
+
+FLUX_NAMES = ("BASE", *(f"D{i:02d}" for i in range(19)), *(f"S{i:02d}" for i in range(38)))
+
+
+def expected_transformer_block(key: str) -> str:
+    """The block of a Flux / SD3 key written out from its name, independent of blocks.py."""
+    bare = key.removeprefix(UNET)
+    if key.startswith(("vae.", "first_stage_model.")):
+        return "VAE"
+    for part, letter in (("double_blocks", "D"), ("single_blocks", "S"), ("joint_blocks", "J")):
+        if bare.startswith(part + ".") and not key.startswith("text_encoders."):
+            return f"{letter}{int(bare.split('.')[1]):02d}"
+    return "BASE"
+
+
+TRANSFORMER_TABLES = {
+    "flux dev full": (FLUX, flux_keys()),
+    "flux dev bare": (FLUX, flux_keys(full=False)),
+    "flux schnell full": (FLUX_SCHNELL, flux_keys(guidance=False)),
+    "flux schnell bare": (FLUX_SCHNELL, flux_keys(full=False, guidance=False)),
+    "sd3 medium full": (SD3_MEDIUM, sd3_keys(24)),
+    "sd3 medium bare": (SD3_MEDIUM, sd3_keys(24, full=False)),
+    "sd3.5 medium": (SD35_MEDIUM, sd3_keys(24, attn2_blocks=SD35_MEDIUM_ATTN2_BLOCKS)),
+    "sd3.5 large full": (SD35_LARGE, sd3_keys(38)),
+    "sd3.5 large bare": (SD35_LARGE, sd3_keys(38, full=False)),
+}
+
+
+@pytest.mark.parametrize("name", TRANSFORMER_TABLES)
+def test_transformer_keys_land_in_their_blocks(name):
+    family, keys = TRANSFORMER_TABLES[name]
+    assert family_of(keys) == family
+    for key in keys:
+        assert block_of(key, family) == expected_transformer_block(key), key
+    used = {block_of(key, family) for key in keys}
+    full = any(key.startswith(UNET) for key in keys)
+    assert used == set(block_names(family)) | ({"VAE"} if full else set())
+
+
+@pytest.mark.parametrize(
+    ("key", "block"),
+    [
+        (UNET + "double_blocks.0.img_attn.qkv.weight", "D00"),
+        ("double_blocks.18.txt_mlp.2.bias", "D18"),
+        (UNET + "single_blocks.0.linear1.weight", "S00"),
+        ("single_blocks.37.modulation.lin.weight", "S37"),
+        (UNET + "img_in.weight", "BASE"),
+        ("txt_in.bias", "BASE"),
+        (UNET + "time_in.in_layer.weight", "BASE"),
+        (UNET + "vector_in.out_layer.bias", "BASE"),
+        ("guidance_in.in_layer.weight", "BASE"),
+        (UNET + "final_layer.linear.weight", "BASE"),
+        ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight", "BASE"),
+        ("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight", "BASE"),
+        ("vae.decoder.conv_in.weight", "VAE"),
+        ("xdouble_blocks.0.img_in.weight", "BASE"),
+        (UNET + "double_blocksX.0.weight", "BASE"),
+    ],
+)
+def test_flux_sample_keys(key, block):
+    assert block_of(key, FLUX) == block_of(key, FLUX_SCHNELL) == block
+
+
+@pytest.mark.parametrize(
+    ("key", "medium", "large"),
+    [
+        (UNET + "joint_blocks.0.x_block.attn.qkv.weight", "J00", "J00"),
+        ("joint_blocks.23.context_block.adaLN_modulation.1.bias", "J23", "J23"),
+        (UNET + "joint_blocks.37.x_block.mlp.fc2.weight", "J37", "J37"),
+        (UNET + "x_embedder.proj.weight", "BASE", "BASE"),
+        (UNET + "pos_embed", "BASE", "BASE"),
+        (UNET + "final_layer.linear.bias", "BASE", "BASE"),
+        ("model.model_sampling.sigmas", "BASE", "BASE"),
+        ("text_encoders.clip_g.transformer.text_model.final_layer_norm.weight", "BASE", "BASE"),
+        ("first_stage_model.decoder.conv_in.weight", "VAE", "VAE"),
+    ],
+)
+def test_sd3_sample_keys(key, medium, large):
+    assert block_of(key, SD3_MEDIUM) == block_of(key, SD35_MEDIUM) == medium
+    assert block_of(key, SD35_LARGE) == large
+
+
+def test_transformer_block_names_in_list_order():
+    assert block_names(FLUX) == block_names(FLUX_SCHNELL) == FLUX_NAMES
+    assert len(block_names(FLUX)) == 1 + FLUX_DOUBLE_BLOCKS + FLUX_SINGLE_BLOCKS == 58
+    assert block_names(SD3_MEDIUM) == block_names(SD35_MEDIUM) == ("BASE", *(f"J{i:02d}" for i in range(24)))
+    assert block_names(SD35_LARGE) == ("BASE", *(f"J{i:02d}" for i in range(38)))
+    assert block_names(SD3) == ("BASE",)
+
+
+def test_text_encoders_and_vae_of_transformers():
+    assert {block_of(key, FLUX) for key in FLUX_TEXT_ENCODER_KEYS} == {"BASE"}
+    assert {block_of(key, FLUX) for key in FLUX_VAE_KEYS} == {"VAE"}
+    assert {block_of(key, SD35_LARGE) for key in SD3_TEXT_ENCODER_KEYS} == {"BASE"}
+    assert {block_of(key, SD35_LARGE) for key in SD3_VAE_KEYS} == {"VAE"}
+
+
+@pytest.mark.parametrize(
+    ("table_name", "family", "keys_per_block"),
+    [("flux", FLUX, {"D": 24, "S": 8}), ("sd3", SD3_MEDIUM, {"J": 20})],
+)
+def test_the_real_transformer_tables(table_name, family, keys_per_block):
+    """Against ../shared/data: the generated tables are the real layouts, and every real key lands
+    where its name says, with the module's number of keys in each block."""
+    real = shared_table(table_name)
+    assert family_of(real) == family
+    generated = flux_keys() if family == FLUX else sd3_keys(24)
+    assert {k for k in real if k.startswith(UNET)} == {k for k in generated if k.startswith(UNET)}
+    for key in real:
+        assert block_of(key, family) == expected_transformer_block(key), key
+    counts = Counter(block_of(key, family) for key in real)
+    for block in block_names(family)[1:]:
+        expected = keys_per_block[block[0]]
+        if block == "J23":  # the last joint block's context stream is pre-only: no proj, no MLP
+            expected = 14
+        assert counts[block] == expected, block
+    assert counts["VAE"] == sum(key.startswith(("vae.", "first_stage_model.")) for key in real)
+
+
+def test_transformer_globs_and_names():
+    values = parse_blocks("D*=0.2,S*=0.7,S37=1,BASE=0", FLUX, param="alpha", default=0.5)
+    listed = dict(zip(FLUX_NAMES, values.as_list(), strict=True))
+    assert listed["BASE"] == 0.0 and listed["D00"] == listed["D18"] == 0.2
+    assert listed["S00"] == listed["S36"] == 0.7 and listed["S37"] == 1.0
+    assert values.value("VAE") == 0.5
+    assert parse_blocks(values.to_text(), FLUX, param="alpha", default=0.5) == values
+    assert parse_blocks("d04=0.3", FLUX_SCHNELL, param="alpha", default=0.5).value("D04") == 0.3
+    joint = parse_blocks("J*=0.4,J1[0-9]=0.9", SD35_LARGE, param="alpha", default=0.5)
+    assert [joint.value(f"J{i:02d}") for i in (0, 9, 10, 19, 37)] == [0.4, 0.4, 0.9, 0.9, 0.4]
+    assert joint.value("BASE") == 0.5
+    medium = parse_blocks("ramp_in_out,J23=0,VAE=0.1", SD3_MEDIUM, param="alpha", default=0.5)
+    assert medium.as_list() == [*preset_values("ramp_in_out", SD3_MEDIUM)[:-1], 0.0]
+    assert medium.value("VAE") == 0.1
+
+
+@pytest.mark.parametrize(
+    ("family", "pattern", "listing"),
+    [
+        (FLUX, "IN*", "D00-D18, S00-S37, BASE, VAE"),
+        (FLUX, "D19", "D00-D18, S00-S37, BASE, VAE"),
+        (SD3_MEDIUM, "J24", "J00-J23, BASE, VAE"),
+        (SD35_LARGE, "S*", "J00-J37, BASE, VAE"),
+        (SD1, "D*", "IN00-IN11, M00, OUT00-OUT11, BASE, VAE"),
+    ],
+)
+def test_a_block_of_another_family_is_an_error(family, pattern, listing):
+    with pytest.raises(RequestError) as error:
+        parse_blocks(f"{pattern}=0.3", family, param="alpha", default=0.5)
+    assert str(error.value) == f"blocks.alpha: '{pattern}' matches no {family} block ({listing})"
+
+
+@pytest.mark.parametrize(("family", "count"), [(FLUX, 58), (SD3_MEDIUM, 25), (SD35_LARGE, 39)])
+@pytest.mark.parametrize("given_count", [26, 20])
+def test_an_sd_list_is_refused_for_a_transformer(family, count, given_count):
+    message = rf"^blocks\.alpha: expected {count} values for {family} \(BASE \+ {count - 1} blocks\), got {given_count}"
+    with pytest.raises(RequestError, match=message):
+        parse_blocks(",".join(["0.5"] * given_count), family, param="alpha", default=0.5)
+
+
+def test_a_full_transformer_list_round_trips():
+    numbers = [round(i / 57, 6) for i in range(58)]
+    values = parse_blocks(",".join(map(str, numbers)), FLUX, param="alpha", default=0.5)
+    assert values.as_list() == numbers and values.value("S37") == 1.0
+    assert parse_blocks(values.to_text(), FLUX, param="alpha", default=0.5) == values
 
 
 def test_unknown_family_is_refused():
@@ -387,16 +598,18 @@ def test_a_list_and_overrides_do_not_mix():
         parse_blocks("0.5,IN04=1", SD1, param="alpha", default=0.5)
 
 
-def test_sd3_takes_one_base_value_and_explains():
+def test_an_sd3_of_unknown_size_takes_one_base_value_and_explains():
+    keys = sd3_keys(joint_blocks=12)
+    assert family_of(keys) == SD3
     values = parse_blocks("0.8", SD3, param="alpha", default=0.5)
     assert values.as_list() == [0.8]
     assert values.value_for("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight") == 0.8
     assert values.value_for("first_stage_model.decoder.conv_in.weight") == 0.8
     assert parse_blocks(values.to_text(), SD3, param="alpha", default=0.5) == values
-    with pytest.raises(RequestError, match="SD3 has no block map yet"):
-        parse_blocks("IN*=1", SD3, param="alpha", default=0.5)
+    with pytest.raises(RequestError, match="SD3 with a joint-block count other than 24 or 38 has no block map"):
+        parse_blocks("J*=1", SD3, param="alpha", default=0.5)
     with pytest.raises(RequestError, match="expected 1 value for SD3"):
-        parse_blocks(",".join(["1"] * 26), SD3, param="alpha", default=0.5)
+        parse_blocks(",".join(["1"] * 25), SD3, param="alpha", default=0.5)
 
 
 block_subsets = st.sampled_from([SD1, SDXL]).flatmap(
@@ -430,13 +643,27 @@ def test_block_values_pickle_and_copy():
 # -- presets --------------------------------------------------------------------------------------
 
 
+LIST_LENGTHS = {
+    SD1: 26,
+    SD2: 26,
+    SDXL_REFINER: 26,
+    SDXL: 20,
+    FLUX: 1 + 19 + 38,
+    FLUX_SCHNELL: 1 + 19 + 38,
+    SD3_MEDIUM: 1 + 24,
+    SD35_MEDIUM: 1 + 24,
+    SD35_LARGE: 1 + 38,
+    SD3: 1,
+}
+
+
 def unet_part(values: list[float]) -> list[float]:
     return values[1:]
 
 
 @pytest.mark.parametrize("name", sorted(presets()))
 def test_every_preset_fits_every_family(name):
-    for family, length in ((SD1, 26), (SD2, 26), (SDXL_REFINER, 26), (SDXL, 20), (SD3, 1), (FLUX, 1)):
+    for family, length in LIST_LENGTHS.items():
         values = preset_values(name, family)
         assert len(values) == length == len(block_names(family))
         assert all(isinstance(v, float) and 0.0 <= v <= 1.0 for v in values)
@@ -475,6 +702,49 @@ def test_heavy_presets_weigh_their_part(family):
     peak = preset_values("middle_heavy", family)
     assert max(peak) == peak[middle] == 1.0
     assert unet_part(peak)[0] == unet_part(peak)[-1] == 0.0
+
+
+@pytest.mark.parametrize("family", [SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE])
+def test_sd3_ramps_are_one_straight_line_over_the_joint_blocks(family):
+    up = preset_values("ramp_in_out", family)[1:]
+    assert (up[0], up[-1]) == (0.0, 1.0)
+    assert all(b - a == pytest.approx(1 / (len(up) - 1), abs=1e-12) for a, b in pairwise(up))
+    assert preset_values("ramp_out_in", family)[1:] == pytest.approx(up[::-1], abs=1e-12)
+
+
+def test_flux_ramps_rise_over_the_double_blocks_to_the_middle_then_over_the_single_blocks():
+    values = dict(zip(FLUX_NAMES, preset_values("ramp_in_out", FLUX), strict=True))
+    double = [values[f"D{i:02d}"] for i in range(19)]
+    single = [values[f"S{i:02d}"] for i in range(38)]
+    assert (values["BASE"], double[0], single[-1]) == (0.0, 0.0, 1.0)
+    assert all(b - a == pytest.approx(0.5 / 18.5, abs=1e-12) for a, b in pairwise(double))
+    assert all(b - a == pytest.approx(0.5 / 37.5, abs=1e-12) for a, b in pairwise(single))
+    # the middle value 0.5 lies half a step past D18 and half a step before S00
+    assert 0.5 - double[-1] == pytest.approx(0.5 / 18.5 / 2, abs=1e-12)
+    assert single[0] - 0.5 == pytest.approx(0.5 / 37.5 / 2, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("family", "entry", "exit"),
+    [
+        (FLUX, [f"D{i:02d}" for i in range(19)], [f"S{i:02d}" for i in range(38)]),
+        (SD3_MEDIUM, [f"J{i:02d}" for i in range(12)], [f"J{i:02d}" for i in range(12, 24)]),
+        (SD35_LARGE, [f"J{i:02d}" for i in range(19)], [f"J{i:02d}" for i in range(19, 38)]),
+    ],
+)
+def test_transformer_presets_read_the_way_in_and_out(family, entry, exit):
+    """in_heavy / out_heavy: the double blocks (Flux) or the first half of the joint blocks (SD3)
+    are the way in, the single blocks or the second half the way out; middle_heavy peaks between."""
+    assert len(entry) + len(exit) + 1 == len(block_names(family))
+    for preset, inside, outside, base in (("in_heavy", 1.0, 0.0, 1.0), ("out_heavy", 0.0, 1.0, 0.0)):
+        values = dict(zip(block_names(family), preset_values(preset, family), strict=True))
+        assert {values[n] for n in entry} == {inside} and {values[n] for n in exit} == {outside}
+        assert values["BASE"] == base
+    peak = dict(zip(block_names(family), preset_values("middle_heavy", family), strict=True))
+    assert peak[entry[0]] == peak[exit[-1]] == 0.0
+    assert max(peak.values()) in (peak[entry[-1]], peak[exit[0]])
+    assert all(a < b for a, b in pairwise(peak[n] for n in entry))
+    assert all(a > b for a, b in pairwise(peak[n] for n in exit))
 
 
 def test_a_preset_with_overrides():

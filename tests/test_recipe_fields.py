@@ -53,6 +53,24 @@ def test_the_chart_draws_one_bar_per_block_and_names_a_bad_list():
     assert "blocks.alpha: expected 26 values" in block_chart("1,2,3", "SD1", 0.5, "alpha")
 
 
+@pytest.mark.parametrize(
+    ("family", "bars", "last"),
+    [("Flux dev", 58, "S37"), ("Flux schnell", 58, "S37"), ("SD3 medium", 25, "J23"), ("SD3.5 large", 39, "J37")],
+)
+def test_the_chart_draws_the_blocks_of_flux_and_sd3(family, bars, last):
+    chart = block_chart("ramp_in_out", family, 0.5, "alpha")
+    assert chart.count("<rect") == bars and f"<title>{last}: 1</title>" in chart
+    assert f"alpha per block ({family})" in chart
+    assert f"blocks.alpha: expected {bars} values for {family}" in block_chart(
+        ",".join(["1"] * 26), family, 0.5, "alpha"
+    )
+
+
+def test_the_chart_of_an_unknown_model_uses_the_sd1_blocks_and_an_sd3_of_unknown_size_one_bar():
+    assert block_chart("flat", "unknown", 0.5, "alpha").count("<rect") == 26
+    assert block_chart("0.4", "SD3", 0.5, "alpha").count("<rect") == 1
+
+
 def test_a_picker_the_recipe_leaves_unused_is_cleared_not_set_to_an_empty_choice():
     back = controls_from_recipe(recipe_from_controls(controls(interp_method="Model soup")))
     assert (back["primary_model_name"], back["secondary_model_name"]) == ("a.safetensors", "b.safetensors")

@@ -153,7 +153,10 @@ def test_incompatible_architectures_are_refused_naming_a_key(host, models):
     from conftest import SDXL
 
     make(models / "xl.safetensors", specs=SDXL, seed=4)
-    with pytest.raises(IncompatibleModelsError, match=r"A is SD1, B is SDXL.*key model\.diffusion_model\."):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match=r"A is SD1 \(a\.safetensors\), B is SDXL \(xl\.safetensors\).*key model\.diffusion_model\.",
+    ):
         merge(MergeRequest("a.safetensors", "xl.safetensors"), host)
     assert sorted(p.name for p in models.iterdir()) == [
         "a.safetensors",

@@ -92,6 +92,22 @@ def test_a_block_list_is_checked_for_the_family_given():
         parse_axis("blocks:alpha", sdxl_list, "weighted_sum")
 
 
+@pytest.mark.parametrize(
+    ("family", "accepted", "refused", "message"),
+    [
+        ("Flux dev", "ramp_in_out; D*=0.2,S*=0.8; in_heavy,S37=1", "IN*=0.5", "'IN\\*' matches no Flux dev block"),
+        ("Flux schnell", ",".join(["0.5"] * 58), ",".join(["0.5"] * 26), "expected 58 values for Flux schnell"),
+        ("SD3 medium", "J*=0.3; ramp_out_in,J23=1", "J24=1", "'J24' matches no SD3 medium block"),
+        ("SD3.5 large", "middle_heavy; J3[0-7]=1", ",".join(["0.5"] * 25), "expected 39 values for SD3.5 large"),
+    ],
+)
+def test_a_blocks_axis_for_flux_and_sd3(family, accepted, refused, message):
+    axis = parse_axis("blocks:alpha", accepted, "weighted_sum", family=family)
+    assert axis.values == tuple(item.strip() for item in accepted.split(";"))
+    with pytest.raises(RequestError, match=r"^sweep\.blocks:alpha: item 2 .*" + message):
+        parse_axis("blocks:alpha", f"flat; {refused}", "weighted_sum", family=family)
+
+
 def test_two_axes_come_row_major_with_y_outer():
     x = parse_axis("density", "0.2, 0.5, 0.8", "ties")
     y = parse_axis("lambda", "0.5, 1", "ties")

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from lib_merge import MergeRequest
-from lib_merge.arch import SD1, SDXL
+from lib_merge.arch import FLUX, FLUX_SCHNELL, SD1, SD3_MEDIUM, SD35_LARGE, SDXL
 from lib_merge.errors import InputError, RequestError
 from lib_merge.loop.xyz_axes import ALPHA, BLOCK_PRESET, LABELS, MERGE_COST, RECIPE, add_axes, find_xyz_module
 from lib_merge.recipe import MergeNode, ModelRef, dump_recipe, recipe_dict, request_from_recipe
@@ -196,6 +196,20 @@ def test_a_block_list_is_checked_against_the_base_family(xyz):
     with pytest.raises(RequestError, match=r"^Merge Lab: block preset: '0\.5,.*' refused: expected 26 values for SD1"):
         xyz.run_cells(p(), option(xyz, BLOCK_PRESET), [sdxl_list])
     assert sd1.tried == []
+
+
+@pytest.mark.parametrize(
+    ("family", "block"), [(FLUX, "S*"), (FLUX_SCHNELL, "D07"), (SD3_MEDIUM, "J*"), (SD35_LARGE, "J37")]
+)
+def test_presets_and_block_names_resolve_for_flux_and_sd3(xyz, family, block):
+    session = FakeSession(family=family)
+    add_axes(xyz, session)
+    xyz.run_cells(p(), option(xyz, BLOCK_PRESET), ["out_heavy", f"ramp_in_out,{block}=0.9"])
+    assert [r.root().blocks for r in session.tried] == [{"alpha": "out_heavy"}, {"alpha": f"ramp_in_out,{block}=0.9"}]
+    with pytest.raises(
+        RequestError, match=rf"^Merge Lab: block preset: 'IN04=0\.3' refused: 'IN04' matches no {family} block"
+    ):
+        xyz.run_cells(p(), option(xyz, BLOCK_PRESET), ["IN04=0.3"])
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PARAM=LIST",
-        help="a parameter per block: BASE,IN00,...,OUT11 values, IN04=0.3,OUT*=0.7 overrides, or a preset name",
+        help="a parameter per block: values in block order (SD1: BASE,IN00..IN11,M00,OUT00..OUT11; SDXL: IN00..IN08, "
+        "M00, OUT00..OUT08; Flux: BASE,D00..D18,S00..S37; SD3: BASE,J00..), IN04=0.3,OUT*=0.7 overrides, or a preset",
     )
     merge.add_argument("-o", "--output", required=True, type=Path, help="output file: .safetensors or .ckpt")
     merge.add_argument("--half", action="store_true", help="save float32 results as float16 (the built-in's)")

@@ -17,6 +17,8 @@ from ..request import MergeRequest
 RECIPE_TYPE = "merge-lab"
 BUILTIN_METHODS = ("weighted_sum", "add_difference", "no_interpolation")
 LONGEST_NAME = 120
+# Fields (modelspec.architecture, .prediction_type, .title ...) that describe one model, not a merge.
+MODELSPEC = "modelspec."
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,7 @@ def build_metadata(
     if request.copy_metadata_fields:
         for item in inputs:
             metadata.update(item.metadata)
+        _keep_primary_modelspec(metadata, inputs[0].metadata)
     users = user_metadata(request.metadata_json)
     metadata.update(users)
     metadata["format"] = "pt"
@@ -152,6 +155,14 @@ def build_metadata(
         metadata["sd_merge_recipe"] = json.dumps(merge_recipe(request, tree, inputs, variant, list(users)))
         metadata["sd_merge_models"] = json.dumps(models)
     return metadata
+
+
+def _keep_primary_modelspec(metadata: dict[str, str], primary: dict[str, str]) -> None:
+    """modelspec.* fields describe one model (architecture, prediction type): the output keeps A's
+    weights layout and marker keys, so it keeps A's modelspec fields, not the last input's."""
+    for name in [name for name in metadata if name.startswith(MODELSPEC)]:
+        del metadata[name]
+    metadata.update({name: value for name, value in primary.items() if name.startswith(MODELSPEC)})
 
 
 def _json_field(metadata: dict[str, str], field: str):

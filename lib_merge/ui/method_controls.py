@@ -54,7 +54,11 @@ def build_blocks() -> dict:
             preset = gr.Dropdown(["", *blocks.presets()], value="", label="Preset", elem_id="merge_lab_block_preset")
         block_text = gr.Textbox(
             "",
-            label="Per block: BASE,IN00,...,OUT11 values (SDXL: 20), IN04=0.3,OUT*=0.7, or a preset name; empty: off",
+            label=(
+                "Per block: BASE then one value per block (SD1 26 values BASE,IN00..OUT11, SDXL 20, "
+                "Flux 58 BASE,D00..D18,S00..S37, SD3 medium 25 BASE,J00..J23, SD3.5 large 39), "
+                "IN04=0.3,S*=0.7, or a preset name; empty: off"
+            ),
             elem_id="merge_lab_block_text",
         )
         chart = gr.HTML(block_chart("", blocks.SD1, 0.3, "alpha"), elem_id="merge_lab_block_chart")

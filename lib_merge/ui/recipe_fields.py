@@ -90,7 +90,7 @@ def controls_from_recipe(recipe: dict) -> dict | None:
 
 def block_chart(text: str, family: str, default: float, param: str) -> str:
     """A small SVG bar chart of the per-block values (a picture of the list), or the parse error."""
-    if family not in (blocks.SD1, blocks.SD2, blocks.SDXL, blocks.SDXL_REFINER):
+    if not blocks.is_known_family(family):  # no model picked yet, or an unknown one: SD1's blocks
         family = blocks.SD1
     try:
         values = blocks.parse_blocks(text or "", family, param=param or "value", default=default)
