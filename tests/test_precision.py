@@ -16,6 +16,7 @@ from image_host import sd15_module
 from test_cli import cli
 
 from lib_merge import FolderHost, MergeRequest, RequestError, merge, merge_into, preflight
+from lib_merge.cli import main as cli_main
 from lib_merge.cli.recipes import recipe_of
 from lib_merge.methods import get_method
 from lib_merge.recipe import parse_recipe, request_from_recipe
@@ -305,46 +306,38 @@ def private_hash_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
 
-@pytest.mark.slow  # five runs of the command line, each importing torch
-def test_the_cli_writes_the_chosen_dtype(models, tmp_path):
+def in_process(capsys, *args) -> tuple[int, str, str]:
+    """The command line's main() in this process (exit status, stdout, stderr): no torch import."""
+    try:
+        status = cli_main([str(arg) for arg in args])
+    except SystemExit as refused:  # argparse's refusals
+        status = refused.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+@pytest.mark.slow  # one run of the command line as a user runs it, importing torch
+def test_the_cli_writes_the_chosen_dtype(models, tmp_path, capsys):
     out = tmp_path / "out.safetensors"
     done = cli(
         "merge", models / "a.safetensors", models / "b.safetensors", "--alpha", "0.3", "--dtype", "bf16", "-o", out
     )
     assert done.returncode == 0, done.stderr
     assert header_dtypes(out) == {"BF16", "I64"}
-    done = cli(
-        "merge", models / "a.safetensors", models / "b.safetensors", "--dtype", "fp8_e4m3fn", "-o", out, "--overwrite"
-    )
-    assert done.returncode == 0, done.stderr
+    a_and_b = (models / "a.safetensors", models / "b.safetensors")
+    status, _, err = in_process(capsys, "merge", *a_and_b, "--dtype", "fp8_e4m3fn", "-o", out, "--overwrite")
+    assert status == 0, err
     assert header_dtypes(out) == {"F8_E4M3", "I64"}
 
-    refused = cli(
-        "merge",
-        models / "a.safetensors",
-        models / "b.safetensors",
-        "--half",
-        "--dtype",
-        "bf16",
-        "-o",
-        tmp_path / "x.safetensors",
+    status, _, err = in_process(
+        capsys, "merge", *a_and_b, "--half", "--dtype", "bf16", "-o", tmp_path / "x.safetensors"
     )
-    assert refused.returncode == 1 and "save_as_half and dtype" in refused.stderr
-    unknown = cli(
-        "merge", models / "a.safetensors", models / "b.safetensors", "--dtype", "fp64", "-o", tmp_path / "x.safetensors"
-    )
-    assert unknown.returncode == 2 and "--dtype: invalid choice: 'fp64'" in unknown.stderr
-    dry = cli(
-        "merge",
-        models / "a.safetensors",
-        models / "b.safetensors",
-        "--dtype",
-        "keep",
-        "-o",
-        tmp_path / "x.safetensors",
-        "--dry-run",
-    )
-    assert "Output dtypes: float16 (1142 keys), int64 (1 key) (the primary model's dtype at each key)" in dry.stdout
+    assert status == 1 and "save_as_half and dtype" in err
+    status, _, err = in_process(capsys, "merge", *a_and_b, "--dtype", "fp64", "-o", tmp_path / "x.safetensors")
+    assert status == 2 and "--dtype: invalid choice: 'fp64'" in err
+    _, dry, _ = in_process(capsys, "merge", *a_and_b, "--dtype", "keep", "-o", tmp_path / "x.safetensors", "--dry-run")
+    assert "Output dtypes: float16 (1142 keys), int64 (1 key) (the primary model's dtype at each key)" in dry
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_a_recipe_carries_the_precision_into_the_file_and_its_replay(host, models, tmp_path):
