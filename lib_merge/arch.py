@@ -18,9 +18,11 @@ SD3, SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE = "SD3", "SD3 medium", "SD3.5 medium", 
 TRANSFORMERS = (FLUX, FLUX_SCHNELL, SD3_MEDIUM, SD35_MEDIUM, SD35_LARGE, SD3)
 
 # A key that only this kind of model has, checked in this order. Flux and SD3 keys come with the
-# model.diffusion_model. prefix (a full checkpoint) or bare (a transformer-only file).
+# model.diffusion_model. prefix (a full checkpoint) or bare (a transformer-only file); a Flux
+# transformer may also have diffusers' names (single_transformer_blocks.N, guidance_embedder).
 _MARKERS = (
     (FLUX, "double_blocks."),
+    (FLUX, "single_transformer_blocks."),
     (SD3, "joint_blocks."),
     (SDXL, "conditioner.embedders.1.model."),
     (SDXL_REFINER, "conditioner.embedders.0.model."),
@@ -52,7 +54,7 @@ def family_of(keys: Iterable[str]) -> str:
 
 
 def _flux_family(keys: list[str]) -> str:
-    return FLUX if any("guidance_in." in key for key in keys) else FLUX_SCHNELL
+    return FLUX if any("guidance_in." in key or "guidance_embedder." in key for key in keys) else FLUX_SCHNELL
 
 
 def _sd3_family(keys: list[str]) -> str:

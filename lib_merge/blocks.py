@@ -31,10 +31,11 @@ _OUTPUT = re.compile(_UNET + r"output_blocks\.(\d+)\.")
 _MIDDLE = re.compile(_UNET + r"middle_block\.")
 _BEFORE_INPUTS = re.compile(_UNET + r"(?:time_embed|label_emb)\.")  # run before input_blocks.0
 _AFTER_OUTPUTS = re.compile(_UNET + r"out\.")  # the final norm + conv, after the last output block
-# Transformer keys come with the prefix (a full checkpoint) or bare (a transformer-only file).
+# Transformer keys come with the prefix (a full checkpoint) or bare (a transformer-only file);
+# Flux's blocks also in diffusers' names (transformer_blocks.N, single_transformer_blocks.N).
 _TRANSFORMER = r"^(?:model\.diffusion_model\.)?"
-_DOUBLE = re.compile(_TRANSFORMER + r"double_blocks\.(\d+)\.")
-_SINGLE = re.compile(_TRANSFORMER + r"single_blocks\.(\d+)\.")
+_DOUBLE = re.compile(_TRANSFORMER + r"(?:double_blocks|transformer_blocks)\.(\d+)\.")
+_SINGLE = re.compile(_TRANSFORMER + r"(?:single_blocks|single_transformer_blocks)\.(\d+)\.")
 _JOINT = re.compile(_TRANSFORMER + r"joint_blocks\.(\d+)\.")
 # SD1/SD2/SDXL/SD3 keep the VAE under first_stage_model., a full Flux checkpoint under vae.
 _VAE = re.compile(r"^(?:first_stage_model|vae)\.")

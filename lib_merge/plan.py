@@ -23,6 +23,7 @@ from .io import metadata as meta
 from .io.formats import open_checkpoint
 from .io.readers import CheckpointReader, TensorSpec
 from .io.writer import safetensors_header
+from .matching import match_inputs
 from .methods import Method, get_method
 from .precision import describe, output_dtype
 from .recipe import MergeNode, ModelRef
@@ -48,11 +49,13 @@ class Job:
 class Source:
     role: str
     checkpoint: Checkpoint
-    reader: CheckpointReader
+    reader: CheckpointReader  # as merged: in A's key layout (see matching.py)
+    as_stored: CheckpointReader | None = None  # the file's own keys, where ``reader`` presents others
 
     @property
     def family(self) -> str:
-        return arch.describe_reader(self.reader)
+        """The file's family, from its own keys (a part read in A's layout may lose its family's marker)."""
+        return arch.describe_reader(self.as_stored or self.reader)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Plan:
     keys_only_in_b: list[str] = field(default_factory=list)
     problems: list[MergeError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    layouts: list[str] = field(default_factory=list)  # how inputs in other layouts were matched to A's
 
     @property
     def output_bytes(self) -> int:
@@ -110,6 +114,7 @@ class Plan:
                 f"{', '.join(dtypes)}, {_size(reader.nbytes)}"
                 + (f"; {reader.format_note}" if reader.format_note else "")
             )
+        lines += self.layouts
         if len(self.sources) > 1:
             others = "B" if len(self.sources) == 2 else "the other inputs"
             lines.append(f"Keys only in A (copied): {_some(self.keys_only_in_a)}")
@@ -211,7 +216,7 @@ def _roles(tree: MergeNode) -> dict[str, str]:
     return {name: chr(ord("A") + i) if i < 26 else f"M{i + 1}" for i, name in enumerate(names)}
 
 
-def _bind(node: MergeNode, roles: dict[str, str], family: str) -> Tree:
+def _bind(node: MergeNode, roles: dict[str, str], family: str, model_keys_only: bool) -> Tree:
     """The node with models as roles, parameters checked and block values parsed for ``family``."""
     method = get_method(node.method)
     repeated = len(node.inputs) - len(method.inputs) + 1 if method.variadic else None
@@ -219,8 +224,10 @@ def _bind(node: MergeNode, roles: dict[str, str], family: str) -> Tree:
     block_values = {
         name: blocks.parse_blocks(text, family, param=name, default=params[name]) for name, text in node.blocks.items()
     }
-    inputs = [_bind(i, roles, family) if isinstance(i, MergeNode) else roles[i.name] for i in node.inputs]
-    return Tree(method, inputs, params, block_values, model_keys_only=family not in arch.TRANSFORMERS)
+    inputs = [
+        _bind(i, roles, family, model_keys_only) if isinstance(i, MergeNode) else roles[i.name] for i in node.inputs
+    ]
+    return Tree(method, inputs, params, block_values, model_keys_only=model_keys_only)
 
 
 def _open_vae(request: MergeRequest, host: Host) -> CheckpointReader | None:
@@ -235,13 +242,19 @@ def _open_vae(request: MergeRequest, host: Host) -> CheckpointReader | None:
 
 def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     discard = _discard_pattern(request.discard_weights)
-    readers = {role: source.reader for role, source in sources.items()}
+    matching = match_inputs({role: source.reader for role, source in sources.items()})
+    for role, source in sources.items():
+        if matching.readers[role] is not source.reader:  # a bare, diffusers or part-only file read in A's layout
+            source.reader, source.as_stored = matching.readers[role], source.reader
+    readers = matching.readers
     a = readers["A"]
     family = arch.family_of(a.keys())
-    bound = _bind(tree, roles, family)
+    # The built-in's "model" key rule is for SD checkpoints; a file of one bare part (a transformer,
+    # text encoder or VAE alone) has no such buffers, and few keys with "model" in their names.
+    bound = _bind(tree, roles, family, model_keys_only=family not in arch.TRANSFORMERS and not matching.primary.alone)
     single = len(sources) == 1  # no interpolation: the built-in halves every float32 tensor
     vae_keys = _vae_keys(vae)
-    problems: list[MergeError] = []
+    problems: list[MergeError] = list(matching.problems)
     jobs = []
     for key in _write_order(a):
         if discard and discard(key):
@@ -262,7 +275,7 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
     only_a = [k for k in a.keys() if others and any(k not in r for r in others)]
     only_others = list(dict.fromkeys(k for r in others for k in r.keys() if k not in a))
     variant = next((job.step.variant for job in jobs if job.step and job.step.variant), None)
-    refused = _check_families(sources, problems)
+    refused = _check_families(sources, problems) or bool(matching.problems)
     hash_inputs = hash_inputs and not refused  # refused from the headers: no input is read in full
     inputs = [_input_checkpoint(request, host, s, hash_inputs) for s in sources.values()]
     if any(ref.sha256 for ref in tree.models()):
@@ -292,6 +305,7 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
         only_a,
         only_others,
         problems,
+        layouts=matching.lines,
     )
     _check_output(plan)
     note = blocks.block_note(family) if _uses_blocks(tree) else None
@@ -456,7 +470,7 @@ def _check_vae_shape(key: str, model: TensorSpec, vae: TensorSpec, problems: lis
 def _check_families(sources: dict[str, Source], problems: list) -> bool:
     """Refuse inputs of different families (SD1 and SDXL, Flux dev and schnell, SD3 medium and
     SD3.5 large), naming each input's family and file; True when refused."""
-    families = {role: arch.family_of(s.reader.keys()) for role, s in sources.items()}
+    families = {role: arch.family_of((s.as_stored or s.reader).keys()) for role, s in sources.items()}
     known = {f for f in families.values() if f != arch.UNKNOWN}
     if len(known) <= 1:
         return False

@@ -178,21 +178,24 @@ def test_an_unknown_method_is_refused_listing_the_known_ones(models, tmp_path):
 
 
 FLUX_KEYS = ("double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_mlp.0.bias", "single_blocks.0.linear1.weight")
+# A VAE in diffusers' names: a layout Merge Lab does not match to a checkpoint's (see lib_merge/layouts.py).
+DIFFUSERS_VAE_KEYS = ("encoder.conv_in.weight", "encoder.down_blocks.0.resnets.0.conv1.weight", "decoder.conv_in.bias")
 
 
 def test_a_merge_that_would_merge_nothing_is_refused_naming_both_key_layouts(tmp_path):
-    """A full Flux checkpoint (model.diffusion_model.* keys) and a bare transformer (the same keys
-    without the prefix): the preflight used to say "Ready to merge." and write a copy of A."""
+    """A Flux checkpoint (model.diffusion_model.* keys) and a file with no key in common (a full and
+    a bare transformer once were such a pair; they are matched now): the preflight used to say
+    "Ready to merge." and write a copy of A."""
     from lib_merge.io.readers import TensorSpec
 
     spec = TensorSpec(torch.float16, (4, 4))
     full = make(tmp_path / "full.safetensors", specs={f"model.diffusion_model.{k}": spec for k in FLUX_KEYS}, seed=1)
-    bare = make(tmp_path / "bare.safetensors", specs=dict.fromkeys(FLUX_KEYS, spec), seed=2)
+    bare = make(tmp_path / "bare.safetensors", specs=dict.fromkeys(DIFFUSERS_VAE_KEYS, spec), seed=2)
     out = tmp_path / "out.safetensors"
     dry = cli("merge", full, bare, "-o", out, "--dry-run")
     assert dry.returncode == 1 and "Ready to merge" not in dry.stdout
     assert "A: model.* (3 keys); e.g. model.diffusion_model.double_blocks" in dry.stdout
-    assert "B: double_blocks.* (2 keys), single_blocks.* (1 keys); e.g. double_blocks.0" in dry.stdout
+    assert "B: encoder.* (2 keys), decoder.* (1 keys); e.g. decoder.conv_in.bias" in dry.stdout
     done = cli("merge", full, bare, "-o", out)
     assert done.returncode == 1 and "nothing would be merged" in done.stderr and "no key in common" in done.stderr
     assert not out.exists()
