@@ -48,6 +48,27 @@ class Client:
         fields = ", ".join(f for f in info.split(", ") if f.startswith("Model"))
         return hashlib.sha256(image.tobytes()).hexdigest(), fields
 
+    def check_fp8_output_and_its_try(self, image: dict, models: Path, name: str) -> None:
+        """A merge of rand_a + rand_b saved in fp8 e4m3fn and loaded, then the same request tried
+        over rand_a: the file holds only fp8 tensors (and the integer ids), and the tried weights,
+        rounded to fp8 before they meet the model's own dtype, give the loaded file's pixels."""
+        request = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors",
+                   "multiplier": 0.4, "dtype": "fp8_e4m3fn"}  # fmt: skip
+        status, saved = self.call("/merge-lab/v1/merge", {**request, "custom_name": name, "load": True})
+        assert status == 200 and saved["loaded"], saved
+        header = header_of(models / f"{name}.safetensors")
+        assert {entry["dtype"] for key, entry in header.items() if key != "__metadata__"} == {"F8_E4M3", "I64"}
+        from_file = self.pixels_and_model(image)
+        assert from_file[1].endswith(f"Model: {name}"), from_file
+
+        self.call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+        status, tried = self.call("/merge-lab/v1/try", request)
+        assert status == 200, tried
+        with_try = self.pixels_and_model(image)
+        assert with_try[1] == f"Model hash: {tried['recipe_hash']}, Model: {tried['name']}"
+        assert with_try[0] == from_file[0]  # pixel-identical to the fp8 file
+        self.call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+
     def check_xyz_axes(self, image: dict, refusal_field: str) -> None:
         """The X/Y/Z plot's "Merge Lab: alpha" axis, with a checkpoint loaded as its file holds it:
         refused, saying why (the host's API puts the text under ``refusal_field``); then, after a
@@ -111,11 +132,16 @@ def choose_a_and_b(page, name: str) -> None:
     page.locator("#merge_lab_custom_name textarea").fill(name)
 
 
-def recipe_of(path: Path) -> dict:
-    """The Merge Lab recipe in a safetensors file's metadata."""
+def header_of(path: Path) -> dict:
+    """A safetensors file's header: each key's dtype, shape and offsets, and ``__metadata__``."""
     with path.open("rb") as file:
         size = int.from_bytes(file.read(8), "little")
-        metadata = json.loads(file.read(size))["__metadata__"]
+        return json.loads(file.read(size))
+
+
+def recipe_of(path: Path) -> dict:
+    """The Merge Lab recipe in a safetensors file's metadata."""
+    metadata = header_of(path)["__metadata__"]
     return json.loads(metadata["sd_merge_recipe"])["merge_lab_recipe"]
 
 

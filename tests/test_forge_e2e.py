@@ -225,6 +225,12 @@ def test_try_images_match_the_saved_files_and_restore_goes_back_to_the_file(forg
     assert forge_api.pixels_and_model(IMAGE) == primary  # back to the plain file
 
 
+def test_a_merge_saved_in_fp8_and_a_try_of_it_give_the_same_images(forge):
+    """Forge keeps a checkpoint stored in fp8 in fp8 (and computes in fp32 here); the Try, over
+    rand_a held in fp32, holds the same fp8 values: the images agree."""
+    forge_api.check_fp8_output_and_its_try(IMAGE, forge, f"{MERGED}_fp8")
+
+
 def test_a_sweep_through_the_api_makes_one_image_per_point_and_a_grid(forge):
     image = {key: IMAGE[key] for key in ("prompt", "steps", "width", "height", "seed")}
     status, answer = call("/merge-lab/v1/sweep", {**A_AND_B, "x_param": "alpha", "x_values": "0.2, 0.8", **image})

@@ -297,6 +297,11 @@ def test_try_merges_into_the_loaded_model_and_its_images_match_the_saved_file(we
     assert pixels_and_model(image) == primary  # loading another checkpoint restores the webui's state
 
 
+def test_a_merge_saved_in_fp8_and_a_try_of_it_give_the_same_images(webui):
+    image = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
+    client.check_fp8_output_and_its_try(image, webui, f"{MERGED}_fp8")
+
+
 def test_try_save_tried_and_a_sweep_from_the_tab_with_txt2img_settings(page, webui):
     txt2img_settings(page, 128)
     try_then_save_tried(page, webui, f"{MERGED}_tried")
