@@ -261,15 +261,15 @@ def _plan(request, tree, roles, host, sources, vae, hash_inputs) -> Plan:
             continue
         primary = a.spec(key).dtype
         if key in vae_keys:
-            jobs.append(Job(key, "vae", _output(vae.spec(vae_keys[key]), request, primary, request.save_as_half)))
+            jobs.append(Job(key, "vae", _output(key, vae.spec(vae_keys[key]), request, primary, request.save_as_half)))
             _check_vae_shape(key, a.spec(key), vae.spec(vae_keys[key]), problems)
             continue
         step = bound.step(key, readers, problems)
         if isinstance(step, Step):
-            spec = _output(TensorSpec(step.dtype, step.shape), request, primary, request.save_as_half)
+            spec = _output(key, TensorSpec(step.dtype, step.shape), request, primary, request.save_as_half)
             jobs.append(Job(key, "merge", spec, step))
         else:
-            jobs.append(Job(key, "copy", _output(a.spec(key), request, primary, request.save_as_half and single)))
+            jobs.append(Job(key, "copy", _output(key, a.spec(key), request, primary, request.save_as_half and single)))
     jobs.sort(key=lambda job: -job.spec.dtype.itemsize)  # stable: keeps every tensor aligned
     others = [reader for role, reader in readers.items() if role != "A"]
     only_a = [k for k in a.keys() if others and any(k not in r for r in others)]
@@ -385,10 +385,10 @@ def _half(spec: TensorSpec, enable: bool) -> TensorSpec:
     return TensorSpec(torch.float16, spec.shape) if enable and spec.dtype == torch.float32 else spec
 
 
-def _output(spec: TensorSpec, request: MergeRequest, primary: torch.dtype, half: bool) -> TensorSpec:
+def _output(key: str, spec: TensorSpec, request: MergeRequest, primary: torch.dtype, half: bool) -> TensorSpec:
     """An output tensor's spec: the built-in's dtype (``spec``, to_half where ``half``), then the
     request's precision (``dtype``), which ``primary`` (A's dtype at that key) serves for "keep"."""
-    return TensorSpec(output_dtype(request.dtype, _half(spec, half).dtype, primary), spec.shape)
+    return TensorSpec(output_dtype(key, request.dtype, _half(spec, half).dtype, primary), spec.shape)
 
 
 def _write_order(reader: CheckpointReader) -> list[str]:

@@ -3,7 +3,9 @@
 A request's ``dtype`` chooses: "" or "builtin" (the built-in's: the type promotion of the inputs,
 and ``save_as_half`` turning float32 into float16), "keep" (the primary's dtype at each key: the
 output has only the primary's keys, the built-in's rule), or fp32, fp16, bf16, fp8_e4m3fn or
-fp8_e5m2 for every floating-point tensor. Integer and bool tensors (position ids) never change.
+fp8_e5m2 for every floating-point tensor of the model's parts. Integer and bool tensors (position
+ids) never change, nor do the noise schedule's buffers (``alphas_cumprod``, ``betas`` ...: the keys
+with no module in their name), which the webui samples with.
 
 Where rounding happens: the engine computes in float64 (float32 on MPS, and in the methods that
 compute in float32) and rounds each result once, into the output tensor (``rounding``). With a
@@ -63,10 +65,13 @@ def check_choice(dtype, save_as_half: bool) -> str:
     return dtype
 
 
-def output_dtype(choice: str, natural: torch.dtype, primary: torch.dtype) -> torch.dtype:
+def output_dtype(key: str, choice: str, natural: torch.dtype, primary: torch.dtype) -> torch.dtype:
     """The dtype of one output tensor: ``natural`` is the built-in's (type promotion, to_half
-    applied), ``primary`` the primary model's dtype at that key. Only floating tensors change."""
-    if not choice or not natural.is_floating_point:
+    applied), ``primary`` the primary model's dtype at that key. Only floating tensors of the
+    model's parts change: a key with no module in its name is a buffer of the noise schedule
+    (``alphas_cumprod``, ``betas`` ...), which the webui samples with, and keeps its dtype (in fp8
+    alphas_cumprod would keep 3 bits of its 52 and the images would change)."""
+    if not choice or not natural.is_floating_point or "." not in key:
         return natural
     if choice == "keep":
         return primary if primary.is_floating_point else natural

@@ -50,14 +50,17 @@ class Client:
 
     def check_fp8_output_and_its_try(self, image: dict, models: Path, name: str) -> None:
         """A merge of rand_a + rand_b saved in fp8 e4m3fn and loaded, then the same request tried
-        over rand_a: the file holds only fp8 tensors (and the integer ids), and the tried weights,
+        over rand_a: the file holds fp8 weights (the integer ids and the noise schedule's buffers
+        as they were), and the tried weights,
         rounded to fp8 before they meet the model's own dtype, give the loaded file's pixels."""
         request = {"primary_model_name": "rand_a.safetensors", "secondary_model_name": "rand_b.safetensors",
                    "multiplier": 0.4, "dtype": "fp8_e4m3fn"}  # fmt: skip
         status, saved = self.call("/merge-lab/v1/merge", {**request, "custom_name": name, "load": True})
         assert status == 200 and saved["loaded"], saved
         header = header_of(models / f"{name}.safetensors")
-        assert {entry["dtype"] for key, entry in header.items() if key != "__metadata__"} == {"F8_E4M3", "I64"}
+        del header["__metadata__"]
+        assert {entry["dtype"] for key, entry in header.items() if "." in key} == {"F8_E4M3", "I64"}
+        assert {entry["dtype"] for key, entry in header.items() if "." not in key} == {"F16"}  # the schedule
         from_file = self.pixels_and_model(image)
         assert from_file[1].endswith(f"Model: {name}"), from_file
 

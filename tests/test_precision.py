@@ -15,7 +15,7 @@ from conftest import POSITION_IDS, SD15, load, make
 from image_host import sd15_module
 from test_cli import cli
 
-from lib_merge import FolderHost, MergeRequest, RequestError, merge, merge_into, preflight
+from lib_merge import FolderHost, MergeRequest, RequestError, merge, merge_into, precision, preflight
 from lib_merge.cli import main as cli_main
 from lib_merge.cli.recipes import recipe_of
 from lib_merge.methods import get_method
@@ -105,12 +105,13 @@ def identity_merge(host, path: str, dtype: str, name: str = "out") -> dict[str, 
     return load(merge(request, host).path)
 
 
-def header_dtypes(path) -> set[str]:
-    """The dtypes a safetensors header names, read straight from the file."""
+def header_dtypes(path, schedule: bool = False) -> set[str]:
+    """The dtypes a safetensors header names, read straight from the file: of the model's parts
+    (keys with a module in their name), or of the noise schedule's buffers (keys without)."""
     with open(path, "rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(length))
-    return {entry["dtype"] for key, entry in header.items() if key != "__metadata__"}
+    return {entry["dtype"] for key, entry in header.items() if key != "__metadata__" and ("." in key) != schedule}
 
 
 # --- rounding and saturation -----------------------------------------------------------------
@@ -215,7 +216,7 @@ def test_integer_tensors_are_copied_unchanged_whatever_the_precision(mixed, dtyp
     out = merged(mixed, dtype=dtype, custom_name=f"ints{dtype}")
     a = load(mixed.models_dir / "a.safetensors")
     assert out[POSITION_IDS].dtype == torch.int64 and torch.equal(out[POSITION_IDS], a[POSITION_IDS])
-    floats = {out[k].dtype for k in out if k != POSITION_IDS}
+    floats = {out[k].dtype for k in out if k != POSITION_IDS and "." in k}
     assert len(floats) == 1 or dtype == ""
 
 
@@ -244,7 +245,20 @@ def test_save_as_half_is_still_the_builtins_float32_to_float16_only(tmp_path):
     assert half[merged_key].dtype == torch.float16  # bf16 + fp32 -> fp32 -> float16
     assert half[copied_key].dtype == torch.bfloat16  # A's bf16 copy stays bf16
     every = merged(host, save_as_half=True, dtype="fp16", custom_name="every")  # dtype fp16: every float tensor
-    assert {every[k].dtype for k in every if k != POSITION_IDS} == {torch.float16}
+    assert {every[k].dtype for k in every if k != POSITION_IDS and "." in k} == {torch.float16}
+
+
+@pytest.mark.parametrize("dtype", ["fp8_e4m3fn", "bf16", "fp32"])
+def test_the_noise_schedules_buffers_keep_their_dtype_and_values(host, models, dtype):
+    """alphas_cumprod and the other schedule buffers (keys with no module in their name) are what
+    the webui samples with: in fp8 they would keep 3 bits, and every image would change."""
+    out = merged(host, dtype=dtype, custom_name=f"schedule{dtype}")
+    a = load(models / "a.safetensors")
+    schedule = [key for key in SD15 if "." not in key]
+    assert "alphas_cumprod" in schedule and len(schedule) == 12
+    for key in schedule:
+        assert out[key].dtype == a[key].dtype and torch.equal(out[key], a[key]), key
+    assert out["model.diffusion_model.out.2.weight"].dtype == precision.DTYPES[dtype]
 
 
 def test_mixed_fp8_and_fp16_inputs_promote_to_float16(tmp_path):
@@ -259,7 +273,7 @@ def test_mixed_fp8_and_fp16_inputs_promote_to_float16(tmp_path):
 
 def test_preflight_names_the_output_dtypes(mixed):
     report = preflight(MergeRequest("a.safetensors", "b.safetensors", dtype="bf16"), mixed)
-    assert "Output dtypes: bfloat16 (1142 keys), int64 (1 key) (every floating-point tensor in bf16" in report
+    assert "Output dtypes: bfloat16 (1130 keys), float16 (12 keys), int64 (1 key) (every floating-point" in report
     report = preflight(MergeRequest("a.safetensors", "b.safetensors"), mixed)
     assert "(as the built-in: the inputs' type promotion)" in report
 
@@ -292,8 +306,10 @@ def test_try_rounds_to_the_output_precision_then_to_the_models_dtype(host, model
     saved = load(merge(request, host).path)
     output = {"bf16": torch.bfloat16, "fp8_e4m3fn": torch.float8_e4m3fn}[dtype]
     for key, tensor in module.state_dict().items():
-        assert saved[key].dtype == (output if saved[key].is_floating_point() else torch.int64), key
         assert torch.equal(tensor, saved[key].to(tensor.dtype)), key  # as loading the file would
+        if "." not in key:  # the noise schedule's buffers keep their dtype
+            continue
+        assert saved[key].dtype == (output if saved[key].is_floating_point() else torch.int64), key
         if saved[key].is_floating_point():
             assert torch.equal(tensor, tensor.to(output).to(tensor.dtype)), key  # values of the output's dtype
 
