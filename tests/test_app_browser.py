@@ -177,10 +177,17 @@ def test_ties_with_a_block_preset_its_chart_and_a_saved_recipe(page, served):
     page.locator("#merge_lab_blocks").get_by_text("Block weights").click()
     pick(page, "merge_lab_block_param", "lambda")
     pick(page, "merge_lab_block_preset", "ramp_in_out")
-    page.wait_for_function("() => document.querySelectorAll('#merge_lab_block_chart svg rect').length === 26")
-    assert (
-        page.locator("#merge_lab_block_text textarea, #merge_lab_block_text input").first.input_value() == "ramp_in_out"
+    # The preset fills the text and the text redraws the chart: two events, so wait for both.
+    page.wait_for_function(
+        "() => document.querySelector('#merge_lab_block_text textarea, #merge_lab_block_text input').value"
+        " === 'ramp_in_out'"
     )
+    ramp_drawn = """() => {
+        const values = [...document.querySelectorAll('#merge_lab_block_chart svg rect title')]
+            .map(title => title.textContent.split(': ')[1]);
+        return values.length === 26 && new Set(values).size > 2;
+    }"""
+    page.wait_for_function(ramp_drawn)
     page.wait_for_function(
         "() => document.querySelector('#merge_lab_preflight textarea').value.includes('lambda per block')"
     )
