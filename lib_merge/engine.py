@@ -7,8 +7,9 @@ a background thread hashes the previous ones (elsewhere: into reused buffers, wr
 Arithmetic is in float64 on the CPU and CUDA (float32 on MPS, which has no float64), and the
 result is rounded once to the output dtype (``precision.rounding``: with a chosen precision to
 nearest, ties to even, fp8 saturating; else torch's conversion, as before), so every value is
-within one unit in the last place of the exact result, whatever the multiplier. Memory holds small
-float64 scratch buffers and a few output tensors, never a model.
+within one unit in the last place of the exact result, whatever the multiplier. Elementwise steps
+over fp8 inputs look each element up in a table of those same results (``fp8_tables.py``). Memory
+holds small float64 scratch buffers and a few output tensors, never a model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import CancelledError, IncompatibleModelsError, RequestError
+from .fp8_tables import Fp8Tables
 from .io.mapped_writer import MappedSafetensorsWriter, PreallocationUnsupported
 from .io.writer import CkptWriter, SafetensorsWriter, remove_leftovers
 from .plan import Job, Plan
@@ -254,6 +256,7 @@ class _Compute:
         self.notes: list[str] = []
         self._note = ""
         self._scratch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32, float64) per input
+        self._fp8_tables = Fp8Tables(self.round_into, self._call)
 
     def pop_note(self) -> str:
         note, self._note = self._note, ""
@@ -334,6 +337,8 @@ class _Compute:
         """Slice by slice through float64 scratch, so no full-size float copy is ever made."""
         flat_in = [None if role is None else self.plan.reader(role)[job.key].reshape(-1) for role in job.step.args]
         flat_out = out.view(-1)
+        if self._fp8_tables.apply(job.step, job.key, flat_in, flat_out, CHUNK_ELEMENTS):
+            return
         total = flat_out.numel()
         step = min(CHUNK_ELEMENTS, max(total, 1))
         for start in range(0, total, step):

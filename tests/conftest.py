@@ -37,7 +37,10 @@ def load(path: Path) -> dict[str, torch.Tensor]:
 def ulp(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """One unit in the last place of ``dtype`` at each (float64) value, subnormals included."""
     info = torch.finfo(dtype)
-    mantissa = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}[dtype]
+    mantissa = {
+        torch.float8_e5m2: 2, torch.float8_e4m3fn: 3, torch.float16: 10, torch.bfloat16: 7, torch.float32: 23,
+        torch.float64: 52,
+    }[dtype]  # fmt: skip
     exponent = torch.floor(torch.log2(value.abs().clamp_min(info.tiny)))
     return torch.exp2(exponent - mantissa).clamp_min(info.smallest_normal * 2.0**-mantissa)
 
