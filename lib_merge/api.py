@@ -23,7 +23,7 @@ from .errors import CancelledError, IncompatibleModelsError, MergeError, OutputE
 from .hosts import AppHost
 from .io.formats import open_checkpoint
 from .loop.runner import ImageSettings
-from .methods import METHODS
+from .methods import listed_methods
 from .request import MergeRequest
 
 PREFIX = "/merge-lab/v1"
@@ -77,7 +77,7 @@ def add_routes(app: FastAPI, host: AppHost, credentials: Credentials | None = No
     cancel naming it stops it, so one client cannot cancel another's merge.
     """
     dependencies = [Depends(_basic_auth(credentials))] if credentials else []
-    methods = ", ".join(m.label for m in METHODS.values())
+    methods = ", ".join(m.label for m in listed_methods())
 
     async def merge(body: MergeBody):  # type: ignore[valid-type]
         fields = _fields(body)
@@ -213,7 +213,7 @@ def method_listing() -> list[dict]:
             ],
             "doc": m.doc,
         }
-        for m in METHODS.values()
+        for m in listed_methods()
     ]
 
 

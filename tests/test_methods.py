@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib_merge.errors import RequestError
-from lib_merge.methods import METHODS, Param, get_method
+from lib_merge.methods import METHODS, Param, get_method, listed_methods
 from lib_merge.methods.soups import newest
 
 KEY = "model.diffusion_model.middle_block.0.in_layers.0.weight"
@@ -430,12 +430,15 @@ ALL = {
     "task_arithmetic",
     "ties",
     "dare",
+    "add_delta",
 }
 YEARS = {"soup": "2022", "task_arithmetic": "2023", "ties": "2023", "dare": "202[34]", "model_stock": "2024"}
 
 
 def test_registry_lists_every_method_once():
     assert set(METHODS) == ALL
+    # add_delta is a LoRA bake's step: recipes name it, the method lists do not offer it
+    assert [m.name for m in listed_methods()] == [name for name in METHODS if name != "add_delta"]
     for attribute in ("cli_name", "label"):
         values = [getattr(m, attribute) for m in METHODS.values()]
         assert len(values) == len(set(values)), attribute

@@ -17,10 +17,10 @@ from ..errors import MergeError, RequestError, brief
 from ..hosts import FolderHost
 from ..io.formats import open_checkpoint
 from ..io.metadata import BUILTIN_METHODS
-from ..methods import METHODS, get_method
+from ..methods import get_method, listed_methods
 from ..recipe import MergeNode, ModelRef, dump_recipe
 from ..request import MergeRequest
-from . import recipes
+from . import lora, recipes
 
 CONFIG_CHOICES = {"abc": 0, "b": 1, "c": 2, "none": 3}
 EXIT_FAILED, EXIT_INTERNAL, EXIT_CANCELLED = 1, 3, 130
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="weighted-sum",
         type=method_name,
-        choices=[m.cli_name for m in METHODS.values()],
+        choices=[m.cli_name for m in listed_methods()],
         help="the merge method, spelled as here, as in recipes (task_arithmetic) or as in the tab (Weighted sum)",
     )
     merge.add_argument("--alpha", type=float, help="the multiplier M (default: the method's own)")
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=run_inspect)
 
     recipes.add_commands(commands, run_request)
+    lora.add_commands(commands)
 
     bench = commands.add_parser("bench", help="time this engine against the I/O floor and a load-everything merge")
     from ..bench import add_arguments

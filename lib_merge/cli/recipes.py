@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import RequestError
 from ..hosts import FolderHost
 from ..io.formats import open_checkpoint
-from ..methods import FLOATS, METHODS
+from ..methods import FLOATS, listed_methods
 from ..recipe import load_recipe, request_from_recipe
 
 
@@ -52,12 +52,12 @@ def run_methods(args) -> int:
             },
             "doc": m.doc,
         }
-        for m in METHODS.values()
+        for m in listed_methods()
     ]
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
-    for m in METHODS.values():
+    for m in listed_methods():
         print(f"{m.cli_name}: {m.label}; models: {m.inputs_text()}")
         for p in m.params.values():
             default = "none (uniform)" if p.kind == FLOATS and p.default is None else p.default

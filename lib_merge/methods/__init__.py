@@ -113,6 +113,9 @@ class Method:
     # Picks which of the given models take part (average_last keeps the newest N); None: all of them.
     choose: Callable | None = field(default=None, compare=False)
     doc: str = field(default="", compare=False)
+    # Offered in the tab, the API's and the CLI's method lists; False for steps of other features
+    # (add_delta, a LoRA baked in), which recipes may still name.
+    listed: bool = True
 
     @property
     def cli_name(self) -> str:
@@ -165,6 +168,11 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
+def listed_methods() -> list[Method]:
+    """The methods a user picks from, in the tab's order."""
+    return [m for m in METHODS.values() if m.listed]
+
+
 def method(
     name: str,
     *,
@@ -178,6 +186,7 @@ def method(
     float32: bool = False,
     stored_inputs: bool = False,
     choose: Callable | None = None,
+    listed: bool = True,
 ) -> Callable[[Callable], Callable]:
     """Register ``func`` under ``name``; registering a name twice is a programming error.
 
@@ -203,6 +212,7 @@ def method(
             stored_inputs,
             choose,
             doc,
+            listed,
         )
         return func
 
@@ -222,4 +232,4 @@ def _num(value: float | None, missing: str) -> str:
     return missing if value is None else f"{value:g}"
 
 
-from . import basic, interpolation, soups, task_vectors  # noqa: E402,F401  (registering, in the order the tab lists them)
+from . import basic, deltas, interpolation, soups, task_vectors  # noqa: E402,F401  (registering, in the order the tab lists them)

@@ -17,7 +17,7 @@ from .. import actions, arch, precision
 from ..errors import MergeError, brief
 from ..hosts import AppHost
 from ..io.formats import open_checkpoint
-from ..methods import METHODS, get_method
+from ..methods import get_method, listed_methods
 from ..request import CONFIG_SOURCES, FORMATS
 from . import compat, experiments, method_controls
 from .messages import done_html, error_html
@@ -77,7 +77,7 @@ def build_inputs(host: AppHost) -> dict:
 
 
 def build_method() -> dict:
-    labels = [m.label for m in METHODS.values()]
+    labels = [m.label for m in listed_methods()]
     method = gr.Radio(labels, value=labels[0], label="Method", elem_id="merge_lab_method")
     about = gr.Markdown(_describe(labels[0]), elem_id="merge_lab_method_about")
     multiplier = gr.Slider(
