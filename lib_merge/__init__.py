@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 
 import torch
@@ -74,13 +74,15 @@ def merge(
     *,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    plan_with: Callable[[MergeRequest, Host], Plan] = make_plan,
 ) -> MergeResult:
-    """Preflight, merge, write, register: the one path the tab, the API and the CLI take."""
+    """Preflight, merge, write, register: the one path the tab, the API and the CLI take
+    (``plan_with``: the preflight, e.g. a LoRA bake's, which reads LoRA files as changes)."""
     from . import engine
 
     started = time.perf_counter()
     device = _device(request, host)  # a device this machine lacks is refused before any file is read
-    plan = make_plan(request, host)
+    plan = plan_with(request, host)
     try:
         plan.check()
         planned = time.perf_counter()

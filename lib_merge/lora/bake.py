@@ -8,8 +8,6 @@ recipe metadata. Keys no LoRA patches are the checkpoint's own bytes.
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,6 @@ from ..engine import MergeResult, ProgressFn, StopFn
 from ..errors import RequestError
 from ..hosts import Host
 from ..io.formats import open_checkpoint
-from ..io.metadata import copy_config
 from ..io.readers import CheckpointReader
 from ..plan import Plan, make_plan
 from ..recipe import MAX_TREE_DEPTH, MergeNode, ModelRef
@@ -98,25 +95,19 @@ def plan_bake(request: MergeRequest, host: Host, *, hash_inputs: bool = True) ->
 def bake(
     request: MergeRequest, host: Host, *, progress: ProgressFn | None = None, should_stop: StopFn | None = None
 ) -> MergeResult:
-    """Preflight, bake, write, register: ``lib_merge.merge`` for a bake request."""
-    from .. import engine
+    """Preflight, bake, write, register: ``lib_merge.merge`` with the bake's preflight; the
+    result's notes start with what the preflight said of each LoRA."""
+    from .. import merge
 
-    started = time.perf_counter()
-    device = host.device() if request.device in ("", "auto") else request.device
-    plan = plan_bake(request, host)
-    try:
-        plan.check()
-        planned = time.perf_counter()
-        sha256, notes = engine.run(plan, device, progress=progress, should_stop=should_stop)
-        written = time.perf_counter()
-        config = copy_config(plan.config, plan.output) if plan.config else None
-        name = host.register(plan.output, sha256)
-    finally:
-        plan.close()
-    recipe = plan.metadata.get("sd_merge_recipe")
-    timings = {"preflight_s": planned - started, "merge_s": written - planned, "total_s": time.perf_counter() - started}
-    result_recipe = json.loads(recipe) if recipe else None
-    return MergeResult(plan.output, sha256, result_recipe, timings, name, config, [*plan.notes, *notes])
+    plans: list[Plan] = []
+
+    def plan_with(request: MergeRequest, host: Host) -> Plan:
+        plans.append(plan_bake(request, host))
+        return plans[-1]
+
+    result = merge(request, host, progress=progress, should_stop=should_stop, plan_with=plan_with)
+    result.notes[:0] = plans[0].notes
+    return result
 
 
 def lora_notes(plan: Plan) -> list[str]:
