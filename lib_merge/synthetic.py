@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .channels import UNET_INPUT_KEY
-from .io.readers import DTYPE_NAMES, DTYPES, TensorSpec
+from .io.readers import DTYPES, TensorSpec
 from .io.writer import SafetensorsWriter
 
 LAYOUT_FILES = {
@@ -44,11 +44,6 @@ def layout(arch: str) -> dict[str, TensorSpec]:
 def specs_from_table(table: dict) -> dict[str, TensorSpec]:
     """A shapes table (key -> [safetensors dtype, shape]) as specs."""
     return {key: TensorSpec(DTYPES[dtype], tuple(shape)) for key, (dtype, shape) in table.items()}
-
-
-def table_from_specs(specs: dict[str, TensorSpec]) -> dict:
-    """The inverse of ``specs_from_table``: what the data files hold."""
-    return {key: [DTYPE_NAMES[spec.dtype], list(spec.shape)] for key, spec in specs.items()}
 
 
 # SD3 medium -> SD3.5 large. The MMDiT's width is 64 x depth: medium 24 joint blocks, 1536 wide;
