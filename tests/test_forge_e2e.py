@@ -305,11 +305,14 @@ def test_cancel_through_the_api_stops_only_its_own_merge_and_leaves_no_file(forg
 
 
 def test_a_gguf_unet_merges_and_loads_beside_forges_modules_where_try_is_refused(forge):
-    """Forge lists GGUF files and loads one as the diffusion model beside the VAE and text encoder
+    """Forge lists GGUF files, to load one as the diffusion model beside the VAE and text encoder
     chosen in its "VAE / Text Encoder" list (an SD1.5 GGUF holding all three it cannot load: its
     text encoder loader takes no GGUF tensor). Merge Lab reads the GGUF (dequantised by the gguf
-    package), merges it with a safetensors file and loads the merge beside the same modules; a Try
-    is refused while modules are chosen, and the loaded model is kept."""
+    package), merges it with a safetensors file and loads the merge beside the same modules. A Try
+    is refused while modules are chosen, and a Try over the GGUF file for being one (Forge would
+    hold its weights quantised); the loaded model is kept. Forge itself fails to load an SD1.5
+    GGUF UNet (its GGUF shapes are numpy integers that its UNet's config turns into floats:
+    "TypeError: empty(): argument 'size'"), so the GGUF is not loaded on its own here."""
     modules = [str(FORGE / "models" / folder / f"merge_lab_e2e_{folder.lower()}.safetensors")
                for folder in ("VAE", "text_encoder")]  # fmt: skip
     gguf_and_b = {"primary_model_name": GGUF_UNET, "secondary_model_name": "rand_b.safetensors", "multiplier": 0.5}
@@ -322,11 +325,34 @@ def test_a_gguf_unet_merges_and_loads_beside_forges_modules_where_try_is_refused
         merged = forge_api.pixels_and_model(IMAGE)
         assert merged[1] == f"Model hash: {saved['sha256'][:10]}, Model: {MERGED}_gguf"
 
-        status, answer = call("/merge-lab/v1/try", gguf_and_b)
+        status, answer = call("/merge-lab/v1/try", {**A_AND_B, "multiplier": 0.5})
         assert status == 422 and "Forge's 'VAE / Text Encoder' list has 2 module(s) chosen" in answer["detail"], answer
+        assert forge_api.pixels_and_model(IMAGE) == merged
+
+        status, answer = call("/merge-lab/v1/try", gguf_and_b)
+        assert status == 422 and f"Try: {GGUF_UNET} is a GGUF file, which Forge holds quantised" in answer["detail"]
         assert forge_api.pixels_and_model(IMAGE) == merged
     finally:
         call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors", "forge_additional_modules": []})
+
+
+def test_try_is_refused_when_forge_holds_the_unet_in_bitsandbytes_nf4(forge):
+    """Forge's "Diffusion in Low Bits" set to bnb-nf4 loads the UNet's linear weights as
+    bitsandbytes 4-bit parameters. Forge installs bitsandbytes only where CUDA is, and quantises
+    on the GPU, so here (CPU) they are Forge's real nf4 parameters not yet quantised, and no
+    image can be made with them; the Try must still be refused, by what the parameters are.
+    Needs bitsandbytes in Forge's venv (``pip install --no-deps bitsandbytes==0.45.3``, the
+    version Forge pins), which ../shared/forge-offline leaves out."""
+    python = FORGE.parent / "venv" / "bin" / "python"
+    if subprocess.run([str(python), "-c", "import bitsandbytes"], capture_output=True).returncode != 0:
+        pytest.skip(f"bitsandbytes is not installed in {python.parent.parent}")
+    call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+    try:
+        call("/sdapi/v1/options", {"forge_unet_storage_dtype": "bnb-nf4", "sd_model_checkpoint": "rand_b.safetensors"})
+        status, answer = call("/merge-lab/v1/try", {**A_AND_B, "primary_model_name": "rand_b.safetensors"})
+        assert status == 422 and "Forge holds the loaded model's unet in bitsandbytes nf4/fp4" in answer["detail"]
+    finally:
+        call("/sdapi/v1/options", {"forge_unet_storage_dtype": "Automatic", "sd_model_checkpoint": "rand_a.safetensors"})
 
 
 @pytest.fixture(scope="module")

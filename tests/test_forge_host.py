@@ -178,6 +178,10 @@ def test_try_refuses_quantised_weights_and_chosen_modules_and_keeps_the_model(ho
     forge.shared.opts.data["forge_additional_modules"] = ["/models/VAE/sdxl_vae.safetensors"]
     with pytest.raises(RequestError, match="'VAE / Text Encoder' list has 1 module"):
         host.try_merge(request())
+    # a GGUF primary needs those modules in Forge; its own refusal says what matters more
+    with pytest.raises(RequestError, match=r"Try: unet\.gguf is a GGUF file, which Forge holds quantised"):
+        host.try_merge(request("unet.gguf"))
+    assert torch.equal(unet.get_parameter("time_embed.0.weight"), before)
 
 
 def test_a_cancelled_try_reloads_the_file(host, forge):

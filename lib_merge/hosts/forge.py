@@ -19,7 +19,7 @@ from modules import sd_models, shared
 from modules_forge import main_entry
 
 from ..errors import IncompatibleModelsError, RequestError
-from ..io.formats import open_checkpoint
+from ..io.formats import GGUF_SUFFIX, open_checkpoint
 from . import Checkpoint
 from .webui import WebuiHost, _checkpoint_info
 
@@ -48,7 +48,12 @@ class ForgeHost(WebuiHost):
     def _shown_name(self, info) -> str:
         return info.name
 
-    def _refuse_what_try_cannot_do(self) -> None:
+    def _refuse_what_try_cannot_do(self, primary: str) -> None:
+        if primary.lower().endswith(GGUF_SUFFIX):  # Forge loads a GGUF file's weights quantised, as they are stored
+            raise RequestError(
+                f"Try: {primary} is a GGUF file, which Forge holds quantised as it loads it; "
+                "save the merge and load it instead"
+            )
         modules = list(getattr(shared.opts, "forge_additional_modules", None) or [])
         if modules:
             raise RequestError(

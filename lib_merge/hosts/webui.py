@@ -135,8 +135,8 @@ class WebuiHost:
         """
         from .. import merge_into
 
-        self._refuse_what_try_cannot_do()
         primary = next(request.root().models()).name
+        self._refuse_what_try_cannot_do(primary)
         self._switch(primary)  # no reload when it is loaded (or tried on) already
         model = shared.sd_model
         previous = getattr(model.sd_checkpoint_info, TRIED, None)
@@ -156,7 +156,7 @@ class WebuiHost:
         model.sd_model_hash = result.recipe_hash
         return result
 
-    def _refuse_what_try_cannot_do(self) -> None:
+    def _refuse_what_try_cannot_do(self, primary: str) -> None:
         """Cases where weights written in place would differ from loading the merged file: refused."""
         if devices.fp8:
             raise RequestError("Try: the model is held in fp8 (FP8 weight setting); save the merge and load it instead")
