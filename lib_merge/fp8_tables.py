@@ -11,6 +11,14 @@ keep pace with the disk.
 A table is built once per method, parameter values and dtypes, and kept while the merge runs:
 block weights give one per distinct value. Three inputs make 16.7 M entries, worth building only
 for a tensor of a few million elements or more (the first such tensor pays for the rest).
+
+Those 16.7 M entries do not stay in a core's cache, and a lookup that misses it costs more than
+the rest of the step. Add difference, A + alpha (B - C), reads B and C only as B - C, so many (B, C)
+byte pairs give the same results for every A. Where such classes of pairs are few, the table is
+stored in two parts: each pair's class, then the results by class and A. For add difference into
+fp8 e4m3fn that is 16,704 classes, 4.3 MB, and a lookup about 1.6x as fast (microbenchmark on
+this machine's EPYC: 2.7 against 4.4 ns an element). The classes are found in the table itself,
+so the split is exact for any method: a class is the set of pairs with identical results.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ CACHE_BYTES = 256 << 20  # the tables kept; the least recently used goes first
 # A table is built for a tensor of at least entries / BUILD_SHARE elements: building costs about
 # what the float64 path would for that many elements, and the tensors after it are nearly free.
 BUILD_SHARE = 4
+PAIRS = 1 << 16
+MAX_CLASSES = PAIRS // 2  # past this a two-part table is not small enough to repay its second lookup
 _INTEGER_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _VALUES = {  # every fp8 value, in float64, by its byte
     dtype: torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).to(torch.float64) for dtype in FP8
@@ -57,20 +67,27 @@ class Fp8Tables:
         if table is None:
             return False
         codes = [tensor.view(torch.uint8) for tensor in present]
-        if self._index.numel() < chunk:
-            self._index = torch.empty(chunk, dtype=torch.int32)
-        entries, sink = table.view(_INTEGER_VIEWS[table.itemsize]), out.view(_INTEGER_VIEWS[out.itemsize])
+        if self._index.numel() < 2 * chunk:
+            self._index = torch.empty(2 * chunk, dtype=torch.int32)
+        sink = out.view(_INTEGER_VIEWS[out.itemsize])
         total = out.numel()
         for start in range(0, total, chunk):
             stop = min(start + chunk, total)
-            index = self._index[: stop - start]
-            index.copy_(codes[0][start:stop])
-            for more in codes[1:]:
-                index.bitwise_left_shift_(8).add_(more[start:stop])
-            torch.index_select(entries, 0, index, out=sink[start:stop])
+            index, classes = self._index[: stop - start], self._index[chunk : chunk + stop - start]
+            parts = [part[start:stop] for part in codes]
+            if isinstance(table, _TwoPartTable):
+                index.copy_(parts[1]).bitwise_left_shift_(8).add_(parts[2])
+                torch.index_select(table.classes, 0, index, out=classes)
+                torch.index_select(table.results, 0, classes.add_(parts[0]), out=sink[start:stop])
+                continue
+            index.copy_(parts[0])
+            for more in parts[1:]:
+                index.bitwise_left_shift_(8).add_(more)
+            torch.index_select(table, 0, index, out=sink[start:stop])
         return True
 
-    def _table(self, step: Step, key: str, dtypes: list, out_dtype: torch.dtype, numel: int) -> torch.Tensor | None:
+    def _table(self, step: Step, key: str, dtypes: list, out_dtype: torch.dtype, numel: int):
+        """The step's table (flat, by the inputs' bytes as integers), a _TwoPartTable, or None."""
         name = (step.method.name, tuple(sorted(step.params.items())), tuple(dtypes), out_dtype)
         table = self._tables.get(name)
         if table is not None:
@@ -79,8 +96,9 @@ class Fp8Tables:
         entries = 256 ** sum(dtype is not None for dtype in dtypes)
         if numel * BUILD_SHARE < entries:
             return None
-        table = self._build(step, key, dtypes, out_dtype, entries)
-        self._tables[name] = table
+        flat = self._build(step, key, dtypes, out_dtype, entries).view(_INTEGER_VIEWS[out_dtype.itemsize])
+        table = _TwoPartTable.split(flat) if entries == 256**3 else None
+        self._tables[name] = table = table if table is not None else flat
         while sum(kept.nbytes for kept in self._tables.values()) > CACHE_BYTES and len(self._tables) > 1:
             self._tables.popitem(last=False)
         return table
@@ -100,6 +118,24 @@ class Fp8Tables:
                 args.append(_VALUES[dtype][(rows >> (8 * place)) & 255])  # a fresh float64 copy
             self._round_into(table[start : start + rows.numel()], self._call(step, args, key))
         return table
+
+
+class _TwoPartTable:
+    """A three-input table as ``results[classes[B, C] + A]``: ``classes`` gives each (B, C) byte
+    pair the offset of its class, the pairs whose results are the same for every A."""
+
+    def __init__(self, classes: torch.Tensor, results: torch.Tensor):
+        self.classes, self.results = classes, results
+        self.nbytes = classes.nbytes + results.nbytes
+
+    @classmethod
+    def split(cls, flat: torch.Tensor) -> _TwoPartTable | None:
+        """``flat`` (A's byte the most significant) in two parts, or None where too many classes."""
+        columns = flat.view(256, PAIRS).t()  # a pair's results, for every A
+        distinct, class_of_pair = torch.unique(columns, dim=0, return_inverse=True)
+        if distinct.shape[0] > MAX_CLASSES:
+            return None
+        return cls((class_of_pair * 256).to(torch.int32), distinct.reshape(-1))
 
 
 def _fits(step: Step, present: list[torch.Tensor], out: torch.Tensor) -> bool:

@@ -84,18 +84,34 @@ def test_mixed_fp8_kinds_by_table_promote_to_float16_as_the_float64_path_does(tm
 
 
 @pytest.mark.parametrize("dtype", ["fp8_e4m3fn", "bf16"])
+@pytest.mark.parametrize("form", ["two parts", "flat"])
 def test_add_difference_by_table_writes_the_float64_paths_bytes_for_every_triple(
-    tmp_path, monkeypatch, table_use, dtype
+    tmp_path, monkeypatch, table_use, dtype, form
 ):
-    """16.7 M elements: every (A, B, C) byte triple once."""
+    """16.7 M elements: every (A, B, C) byte triple once, through the table in two parts (B and C
+    act only through B - C) and, with the classes capped, through the flat table."""
+    if form == "flat":
+        monkeypatch.setattr(fp8_tables, "MAX_CLASSES", 0)
+    splits, split = [], fp8_tables._TwoPartTable.split.__func__
+
+    def recording(cls, flat):
+        splits.append(split(cls, flat))
+        return splits[-1]
+
+    monkeypatch.setattr(fp8_tables._TwoPartTable, "split", classmethod(recording))
     host = folder(tmp_path, every_combination(3, E4M3))
     request = MergeRequest(
-        "a.safetensors", "b.safetensors", "c.safetensors", interp_method="Add difference", multiplier=0.7,
+        "a.safetensors", "b.safetensors", "c.safetensors", interp_method="Add difference", multiplier=1.0,
         dtype=dtype, custom_name="tables",
     )  # fmt: skip
     with_tables, without = merged_both_ways(host, request, monkeypatch)
     assert table_use == [KEY]
     assert_same_bytes(with_tables, without)
+    [two_parts] = splits
+    if form == "flat":
+        assert two_parts is None
+    else:  # far smaller than the 16.7 M entries of the flat table
+        assert two_parts.results.numel() < 256**3 // 3 and two_parts.classes.numel() == 256**2
 
 
 def test_block_weights_build_a_table_per_value_and_write_the_float64_paths_bytes(tmp_path, monkeypatch, table_use):
