@@ -352,7 +352,9 @@ def test_try_is_refused_when_forge_holds_the_unet_in_bitsandbytes_nf4(forge):
         status, answer = call("/merge-lab/v1/try", {**A_AND_B, "primary_model_name": "rand_b.safetensors"})
         assert status == 422 and "Forge holds the loaded model's unet in bitsandbytes nf4/fp4" in answer["detail"]
     finally:
-        call("/sdapi/v1/options", {"forge_unet_storage_dtype": "Automatic", "sd_model_checkpoint": "rand_a.safetensors"})
+        call(
+            "/sdapi/v1/options", {"forge_unet_storage_dtype": "Automatic", "sd_model_checkpoint": "rand_a.safetensors"}
+        )
 
 
 @pytest.fixture(scope="module")
