@@ -172,3 +172,55 @@ def sd2_specs(width: int = 4) -> dict[str, TensorSpec]:
         ):
             specs[prefix + name] = TensorSpec(dtype, shape)
     return specs
+
+
+def loha_module(name: str, shape, rank: int, generator, *, alpha: float | None = None, dtype=torch.float16):
+    """LyCORIS LoHa parts for a linear layer of weight ``shape``: (w1_a @ w1_b) * (w2_a @ w2_b)."""
+    out, inputs = shape
+    parts = {
+        f"{name}.hada_w1_a": random((out, rank), generator, dtype),
+        f"{name}.hada_w1_b": random((rank, inputs), generator, dtype),
+        f"{name}.hada_w2_a": random((out, rank), generator, dtype),
+        f"{name}.hada_w2_b": random((rank, inputs), generator, dtype),
+    }
+    if alpha is not None:
+        parts[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return parts
+
+
+def lokr_module(name: str, shape, generator, *, dtype=torch.float16):
+    """LyCORIS LoKr parts for a linear layer of weight ``shape`` (even sides): kron(w1, w2), w1 2x2."""
+    out, inputs = shape
+    return {
+        f"{name}.lokr_w1": random((2, 2), generator, dtype),
+        f"{name}.lokr_w2": random((out // 2, inputs // 2), generator, dtype),
+    }
+
+
+def full_module(name: str, shape, generator, *, dtype=torch.float16):
+    """A stored difference (``diff``) for a layer of weight ``shape``."""
+    return {f"{name}.diff": random(tuple(shape), generator, dtype)}
+
+
+def tuned_checkpoint(
+    path: Path, base: Path, changes: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+) -> Path:
+    """A copy of checkpoint ``base`` with ``changes`` (key -> float64 change) added to its weights,
+    stored in ``dtype`` (the base's where None)."""
+    from conftest import load
+
+    tensors = load(base)
+    for key, tensor in tensors.items():
+        if key in changes:
+            tensors[key] = (tensor.double() + changes[key]).to(dtype or tensor.dtype)
+        elif dtype is not None and tensor.is_floating_point():
+            tensors[key] = tensor.to(dtype)
+    return save(path, tensors)
+
+
+def low_rank_change(shape, rank: int, generator, size: float = 0.1) -> torch.Tensor:
+    """A float64 change of ``shape`` (out, in, *kernel) and of rank ``rank``, as a matrix out x rest."""
+    out, rest = shape[0], int(torch.tensor(shape[1:]).prod())
+    u = torch.randn((out, rank), generator=generator, dtype=torch.float64)
+    v = torch.randn((rank, rest), generator=generator, dtype=torch.float64)
+    return (u @ v * size).reshape(shape)

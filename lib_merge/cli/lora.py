@@ -1,4 +1,5 @@
-"""The LoRA commands of the command line: ``lora bake CHECKPOINT LORA[:RATIO]... -o OUT``."""
+"""The LoRA commands of the command line: ``lora bake CHECKPOINT LORA[:RATIO]... -o OUT``,
+``lora extract BASE TUNED --rank N -o OUT`` and ``lora merge LORA[:RATIO]... -o OUT``."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from .. import arch, precision
 from ..errors import InputError, RequestError
-from ..hosts import FolderHost
+from ..hosts import Checkpoint, FolderHost
 from ..io.formats import open_checkpoint
 
 BLOCKS_HELP = (
@@ -20,7 +21,7 @@ BLOCKS_HELP = (
 
 def add_commands(commands) -> None:
     """Register ``lora`` and its actions."""
-    lora = commands.add_parser("lora", help="LoRA files: bake them into a checkpoint")
+    lora = commands.add_parser("lora", help="LoRA files: bake them into a checkpoint, extract one, merge them")
     actions = lora.add_subparsers(required=True, metavar="ACTION")
     bake = actions.add_parser(
         "bake",
@@ -47,6 +48,71 @@ def add_commands(commands) -> None:
     bake.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     bake.add_argument("--dry-run", action="store_true", help="print the preflight report, write nothing")
     bake.set_defaults(run=run_bake)
+    add_extract(actions)
+    add_merge(actions)
+
+
+LORA_DTYPES = ("fp16", "bf16", "fp32")
+
+
+def add_extract(actions) -> None:
+    extract = actions.add_parser(
+        "extract",
+        help="extract a kohya LoRA from a base and a tuned checkpoint (SVD of their difference)",
+        description="Write the LoRA that takes BASE towards TUNED, as kohya's extract_lora_from_models does: for each "
+        "attention layer (and, with --conv-rank, each resnet and sampler conv) the difference cut to a rank by SVD, "
+        "its factors clamped at a quantile, alpha = rank. SD1, SD2 and SDXL. The text encoder is left out when "
+        "none of its weights differs by more than --min-diff.",
+    )
+    extract.add_argument("base", type=Path, help="the checkpoint the LoRA is applied to")
+    extract.add_argument("tuned", type=Path, help="the checkpoint the LoRA should turn BASE into")
+    extract.add_argument("-o", "--output", required=True, type=Path, help="output LoRA file (.safetensors)")
+    extract.add_argument("--rank", required=True, metavar="N", help="rank of linear and 1x1 conv layers")
+    extract.add_argument(
+        "--conv-rank", metavar="N", help="rank of 3x3 convs; without it they are left out, as kohya does"
+    )
+    extract.add_argument(
+        "--clamp-quantile",
+        default="0.99",
+        metavar="Q",
+        help="clamp the factors at this quantile of their values, in (0, 1]; 1 clamps nothing (default 0.99)",
+    )
+    extract.add_argument(
+        "--min-diff",
+        default="0.01",
+        metavar="D",
+        help="the text encoder is extracted only if one of its weights differs by more than this (default 0.01)",
+    )
+    extract.add_argument("--no-text-encoder", action="store_true", help="extract the UNet only")
+    extract.add_argument("--dtype", default="fp16", choices=LORA_DTYPES, help="precision of the factors (default fp16)")
+    extract.add_argument("--device", default="auto", help="where the SVDs run: auto, cpu, cuda, cuda:N or mps")
+    extract.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
+    extract.set_defaults(run=run_extract)
+
+
+def add_merge(actions) -> None:
+    merge = actions.add_parser(
+        "merge",
+        help="merge LoRAs at ratios into one kohya LoRA: exactly (ranks concatenated) or re-ranked by SVD",
+        description="Write one LoRA whose change is the sum of each LoRA's change times its ratio. Without --rank "
+        "the ranks are concatenated, exactly (plain LoRA/LoCon only); with --rank each layer's summed change is cut "
+        "to that rank by SVD (any kind: LoHa, LoKr, full diff too). LoRAs for different architectures are refused.",
+    )
+    merge.add_argument(
+        "loras", nargs="+", metavar="LORA[:RATIO]", help="a LoRA file and its ratio (default 1; negative subtracts)"
+    )
+    merge.add_argument("-o", "--output", required=True, type=Path, help="output LoRA file (.safetensors)")
+    merge.add_argument("--rank", metavar="N", help="re-rank each layer's summed change to N by SVD")
+    merge.add_argument("--conv-rank", metavar="N", help="with --rank: the rank of 3x3 convs (default: --rank)")
+    merge.add_argument(
+        "--dtype",
+        default="",
+        choices=LORA_DTYPES,
+        help="precision of the factors (default: the inputs', fp32 if mixed)",
+    )
+    merge.add_argument("--device", default="auto", help="where whole-change SVDs run: auto, cpu, cuda, cuda:N or mps")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
+    merge.set_defaults(run=run_merge)
 
 
 def lora_refs(items: list[str], blocks: list[str]):
@@ -110,6 +176,86 @@ def run_bake(args) -> int:
         finally:
             plan.close()
     result = bake(request, host, progress=args.progress)
+    if args.progress is not None:
+        args.progress.close()
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(result.path)
+    print(f"sha256 {result.sha256}")
+    return 0
+
+
+def whole_number(text: str | None, option: str) -> int | None:
+    """An option's rank as an int (None when not given); RequestError naming the option."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise RequestError(f"{option}: a rank is a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise RequestError(f"{option}: a rank is a whole number of at least 1, got {value}")
+    return value
+
+
+def number(text: str, option: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise RequestError(f"{option}: must be a number, got {text!r}") from None
+
+
+def run_extract(args) -> int:
+    from ..lora import extract_lora
+
+    rank, conv_rank = whole_number(args.rank, "--rank"), whole_number(args.conv_rank, "--conv-rank")
+    for path in (args.base, args.tuned):
+        if not path.is_file():
+            raise InputError(f"{path}: no such checkpoint")
+    folder = args.output.parent if str(args.output.parent) else Path(".")
+    host = FolderHost(folder, device=args.device, allow_paths=True)  # its hash cache: the base is hashed once
+    result = extract_lora(
+        args.base,
+        args.tuned,
+        args.output,
+        rank=rank,
+        conv_rank=conv_rank,
+        clamp_quantile=number(args.clamp_quantile, "--clamp-quantile"),
+        min_diff=number(args.min_diff, "--min-diff"),
+        text_encoder=not args.no_text_encoder,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        hash_base=lambda path: host.sha256(Checkpoint(path, path.name)),
+        progress=args.progress,
+    )
+    return _done(result, args)
+
+
+def run_merge(args) -> int:
+    from ..lora import merge_loras
+
+    rank, conv_rank = whole_number(args.rank, "--rank"), whole_number(args.conv_rank, "--conv-rank")
+    pairs = []
+    for item in args.loras:
+        name, ratio = split_ratio(item)
+        if not Path(name).is_file():
+            raise InputError(f"{name}: no such LoRA file")
+        pairs.append((name, ratio))
+    result = merge_loras(
+        pairs,
+        args.output,
+        rank=rank,
+        conv_rank=conv_rank,
+        dtype=args.dtype,
+        device=args.device,
+        overwrite=args.overwrite,
+        progress=args.progress,
+    )
+    return _done(result, args)
+
+
+def _done(result, args) -> int:
     if args.progress is not None:
         args.progress.close()
     for note in result.notes:

@@ -24,7 +24,7 @@ _EMBEDDER = re.compile(r"conditioner\.embedders\.(\d+)\.")
 # The q, k or v projection of an attention whose three are one tensor (nn.MultiheadAttention's in_proj).
 _QKV = re.compile(r"(.*)_([qkv])_proj$")
 # kohya's UNet names in diffusers' layout -> the checkpoint's (the webui's convert_diffusers_name_to_compvis).
-_RESNET_PARTS = {
+RESNET_PARTS = {
     "conv1": "in_layers_2",
     "conv2": "out_layers_3",
     "norm1": "in_layers_0",
@@ -155,7 +155,7 @@ def _sub(kind: str) -> int:
 
 
 def _part(kind: str, part: str) -> str:
-    return _RESNET_PARTS.get(part, part) if kind == "resnets" else part
+    return RESNET_PARTS.get(part, part) if kind == "resnets" else part
 
 
 def _open_clip(rest: str) -> str | None:
