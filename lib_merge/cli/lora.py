@@ -175,14 +175,7 @@ def run_bake(args) -> int:
             return 0 if plan.ok else 1
         finally:
             plan.close()
-    result = bake(request, host, progress=args.progress)
-    if args.progress is not None:
-        args.progress.close()
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
-    print(result.path)
-    print(f"sha256 {result.sha256}")
-    return 0
+    return _done(bake(request, host, progress=args.progress), args)
 
 
 def whole_number(text: str | None, option: str) -> int | None:
@@ -256,6 +249,7 @@ def run_merge(args) -> int:
 
 
 def _done(result, args) -> int:
+    """Report a written file: its notes on stderr, its path and sha256 on stdout."""
     if args.progress is not None:
         args.progress.close()
     for note in result.notes:
