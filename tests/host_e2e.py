@@ -39,14 +39,18 @@ class Client:
     def pixels_and_model(self, body: dict) -> tuple[str, str]:
         """txt2img through the API: a hash of the image's pixels (not of the PNG, whose text chunk
         holds the infotext) and the infotext's Model / Model hash fields."""
+        image, fields = self.image_and_model(body)
+        return hashlib.sha256(image.tobytes()).hexdigest(), fields
+
+    def image_and_model(self, body: dict):
+        """txt2img through the API: the image (PIL) and the infotext's Model / Model hash fields."""
         from PIL import Image
 
         status, answer = self.call("/sdapi/v1/txt2img", body)
         assert status == 200, answer
         image = Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))
         info = json.loads(answer["info"])["infotexts"][0]
-        fields = ", ".join(f for f in info.split(", ") if f.startswith("Model"))
-        return hashlib.sha256(image.tobytes()).hexdigest(), fields
+        return image, ", ".join(f for f in info.split(", ") if f.startswith("Model"))
 
     def check_fp8_output_and_its_try(self, image: dict, models: Path, name: str) -> None:
         """A merge of rand_a + rand_b saved in fp8 e4m3fn and loaded, then the same request tried
@@ -197,3 +201,21 @@ def sweep_with_txt2img_settings(page, x_values: str, points: int, size: int, out
     assert "alpha 0.1: 0.9(rand_a) + 0.1(rand_b) [" in result and "alpha 0.9: 0.1(rand_a) + 0.9(rand_b) [" in result
     assert page.locator("#merge_lab_gallery img").count() == points + 1  # the grid, then each cell
     return result, grid
+
+
+def write_lora(path: Path) -> Path:
+    """A kohya-format LoRA for the kits' SD1.5 checkpoints: rank 4 on the UNet's time embedding and
+    the text encoder's first MLP, random values large enough to change the image."""
+    import safetensors.torch
+    import torch
+
+    generator = torch.Generator().manual_seed(5)
+    layers = {"lora_unet_time_embed_0": (320, 1280), "lora_te_text_model_encoder_layers_0_mlp_fc1": (768, 3072)}
+    tensors = {}
+    for name, (width_in, width_out) in layers.items():
+        tensors[f"{name}.lora_down.weight"] = 0.1 * torch.randn(4, width_in, generator=generator)
+        tensors[f"{name}.lora_up.weight"] = 0.1 * torch.randn(width_out, 4, generator=generator)
+        tensors[f"{name}.alpha"] = torch.tensor(4.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file(tensors, str(path))
+    return path

@@ -38,6 +38,7 @@ from host_e2e import (
     try_then_save_tried,
     txt2img_settings,
     wait_for_result,
+    write_lora,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,24 +61,6 @@ pytestmark = pytest.mark.slow
 
 forge_api = Client(URL, API_AUTH)
 call = forge_api.call
-
-
-def write_lora(path: Path) -> Path:
-    """A kohya-format LoRA for the kit's SD1.5 checkpoints: rank 4 on the UNet's time embedding and
-    the text encoder's first MLP, random values large enough to change the image."""
-    import safetensors.torch
-    import torch
-
-    generator = torch.Generator().manual_seed(5)
-    layers = {"lora_unet_time_embed_0": (320, 1280), "lora_te_text_model_encoder_layers_0_mlp_fc1": (768, 3072)}
-    tensors = {}
-    for name, (width_in, width_out) in layers.items():
-        tensors[f"{name}.lora_down.weight"] = 0.1 * torch.randn(4, width_in, generator=generator)
-        tensors[f"{name}.lora_up.weight"] = 0.1 * torch.randn(width_out, 4, generator=generator)
-        tensors[f"{name}.alpha"] = torch.tensor(4.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(tensors, str(path))
-    return path
 
 
 def write_gguf_unet_and_its_modules(models: Path) -> list[Path]:

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from host_e2e import (
     try_then_save_tried,
     txt2img_settings,
     wait_for_result,
+    write_lora,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,6 +297,42 @@ def test_try_merges_into_the_loaded_model_and_its_images_match_the_saved_file(we
 
     call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
     assert pixels_and_model(image) == primary  # loading another checkpoint restores the webui's state
+
+
+def test_a_lora_baked_at_0_8_gives_the_images_of_the_lora_at_0_8_in_the_prompt(webui):
+    """``lora bake rand_a LORA:0.8 --dtype fp32`` (the webui computes in fp32 here: --no-half) and
+    rand_a with ``<lora:NAME:0.8>`` in the prompt, which the webui's Lora extension applies to the
+    loaded weights. The bake rounds the float64 sum once; the webui adds an fp32 change to an fp32
+    weight, so single weights may differ by an fp32 rounding: the images must match within one
+    level of 255 (the largest difference is printed)."""
+    import numpy as np
+
+    name = "merge_lab_e2e_lora"
+    lora = write_lora(WEBUI / "models" / "Lora" / f"{name}.safetensors")
+    baked = webui / f"{MERGED}_baked.safetensors"
+    try:
+        command = ["-m", "lib_merge", "lora", "bake", str(webui / "rand_a.safetensors"), f"{lora}:0.8"]
+        subprocess.run([sys.executable, *command, "--dtype", "fp32", "-o", str(baked)], cwd=ROOT, check=True)
+        assert call("/sdapi/v1/refresh-loras", {})[0] == 200
+        assert call("/sdapi/v1/refresh-checkpoints", {})[0] == 200
+        image = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
+        call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+        plain = np.asarray(client.image_and_model(image)[0], dtype=np.int16)
+        prompted = np.asarray(
+            client.image_and_model({**image, "prompt": f"{image['prompt']} <lora:{name}:0.8>"})[0], dtype=np.int16
+        )
+        call("/sdapi/v1/options", {"sd_model_checkpoint": baked.name})
+        from_bake, model = client.image_and_model(image)
+        assert model.endswith(f"Model: {baked.stem}"), model
+        from_bake = np.asarray(from_bake, dtype=np.int16)
+        largest = int(np.abs(from_bake - prompted).max())
+        print(f"baked vs <lora:{name}:0.8>: largest pixel difference {largest}, "
+              f"{int((from_bake != prompted).sum())} of {from_bake.size} values differ")  # fmt: skip
+        assert np.abs(prompted - plain).max() > 10  # the LoRA changes the image
+        assert largest <= 1
+    finally:
+        lora.unlink(missing_ok=True)
+        call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
 
 
 def test_a_merge_saved_in_fp8_and_a_try_of_it_give_the_same_images(webui):
