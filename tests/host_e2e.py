@@ -203,14 +203,17 @@ def sweep_with_txt2img_settings(page, x_values: str, points: int, size: int, out
     return result, grid
 
 
-def write_lora(path: Path) -> Path:
-    """A kohya-format LoRA for the kits' SD1.5 checkpoints: rank 4 on the UNet's time embedding and
-    the text encoder's first MLP, random values large enough to change the image."""
+LORA_LAYERS = {"lora_unet_time_embed_0": (320, 1280), "lora_te_text_model_encoder_layers_0_mlp_fc1": (768, 3072)}
+
+
+def write_lora(path: Path, layers: dict[str, tuple[int, int]] = LORA_LAYERS) -> Path:
+    """A kohya-format LoRA for the kits' SD1.5 checkpoints: rank 4 on ``layers`` (module name: width
+    in, width out; by default the UNet's time embedding and the text encoder's first MLP), random
+    values large enough to change the image."""
     import safetensors.torch
     import torch
 
     generator = torch.Generator().manual_seed(5)
-    layers = {"lora_unet_time_embed_0": (320, 1280), "lora_te_text_model_encoder_layers_0_mlp_fc1": (768, 3072)}
     tensors = {}
     for name, (width_in, width_out) in layers.items():
         tensors[f"{name}.lora_down.weight"] = 0.1 * torch.randn(4, width_in, generator=generator)

@@ -335,6 +335,47 @@ def test_a_lora_baked_at_0_8_gives_the_images_of_the_lora_at_0_8_in_the_prompt(w
         call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
 
 
+def test_a_lora_extracted_from_a_known_low_rank_difference_reproduces_the_tuned_images(webui):
+    """B is rand_a plus a known rank-4 change on an attention layer and the text encoder (a LoRA
+    baked at 1 in fp32). ``lora extract rand_a B --rank 4`` (its full rank, no clamping, fp32) loaded
+    over rand_a as ``<lora:NAME:1>`` must give B's images, within one level of 255 (the webui adds
+    the LoRA's change in fp32; the largest difference is printed)."""
+    import numpy as np
+
+    attention = {
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q": (1280, 1280),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": (768, 3072),
+    }
+    known = write_lora(webui.parent / "merge_lab_e2e_known_change.safetensors", attention)
+    tuned = webui / f"{MERGED}_tuned.safetensors"
+    extracted = WEBUI / "models" / "Lora" / "merge_lab_e2e_extracted.safetensors"
+    lora = ["-m", "lib_merge", "lora"]
+    try:
+        base = str(webui / "rand_a.safetensors")
+        subprocess.run([sys.executable, *lora, "bake", base, f"{known}:1", "--dtype", "fp32", "-o", str(tuned)],
+                       cwd=ROOT, check=True)  # fmt: skip
+        subprocess.run([sys.executable, *lora, "extract", base, str(tuned), "--rank", "4", "--clamp-quantile", "1",
+                        "--dtype", "fp32", "-o", str(extracted)], cwd=ROOT, check=True)  # fmt: skip
+        assert call("/sdapi/v1/refresh-loras", {})[0] == 200
+        assert call("/sdapi/v1/refresh-checkpoints", {})[0] == 200
+        image = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
+        call("/sdapi/v1/options", {"sd_model_checkpoint": tuned.name})
+        from_tuned = np.asarray(client.image_and_model(image)[0], dtype=np.int16)
+        call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+        plain = np.asarray(client.image_and_model(image)[0], dtype=np.int16)
+        prompt = f"{image['prompt']} <lora:{extracted.stem}:1>"
+        with_lora = np.asarray(client.image_and_model({**image, "prompt": prompt})[0], dtype=np.int16)
+        largest = int(np.abs(with_lora - from_tuned).max())
+        print(f"rand_a + extracted LoRA vs the tuned file: largest pixel difference {largest}, "
+              f"{int((with_lora != from_tuned).sum())} of {from_tuned.size} values differ")  # fmt: skip
+        assert np.abs(from_tuned - plain).max() > 10  # the known change changes the image
+        assert largest <= 1
+    finally:
+        known.unlink(missing_ok=True)
+        extracted.unlink(missing_ok=True)
+        call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+
+
 def test_a_merge_saved_in_fp8_and_a_try_of_it_give_the_same_images(webui):
     image = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
     client.check_fp8_output_and_its_try(image, webui, f"{MERGED}_fp8")
