@@ -6,12 +6,16 @@ a double block's ``img_attn.qkv`` is diffusers' ``attn.to_q``, ``to_k``, ``to_v`
 along the output dimension (``txt_attn.qkv`` the ``add_*_proj``), a single block's ``linear1`` is
 ``to_q``, ``to_k``, ``to_v`` then ``proj_mlp``; and the final layer's modulation is shift then scale
 in BFL, scale then shift in diffusers (``norm_out.linear``), so its halves trade places.
+
+``bfl_place`` answers the same question for one diffusers layer (a LoRA module's), from the same table.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cache
 
 from .io.matched import Joined
 
@@ -106,3 +110,58 @@ def bfl_sources(diffusers_keys: Iterable[str]) -> dict[str, Joined]:
     single = {int(m[1]) for key in keys if (m := _SINGLE.match(key))}
     table = bfl_table(sorted(double), sorted(single))
     return {bfl: source for bfl, source in table.items() if all(key in keys for key in source.keys)}
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a diffusers layer's weight lies in BFL's: in the (bare) module ``module``, as the
+    ``index``-th of the ``count`` layers fused there along the output dimension, with its halves
+    traded (``swap_halves``) for the final modulation."""
+
+    module: str
+    index: int = 0
+    count: int = 1
+    swap_halves: bool = False
+
+    @property
+    def whole(self) -> bool:
+        """The layer is BFL's module under another name: a change to one is a change to the other."""
+        return self.count == 1 and not self.swap_halves
+
+    def rows(self, height: int, width: int) -> tuple[int, int]:
+        """Its rows of the BFL weight (``height`` x ``width``): fused layers are as tall as the model
+        is wide (its hidden size), the last takes the rest (a single block's MLP, 4 x hidden)."""
+        if self.count == 1:
+            return 0, height
+        start = self.index * width
+        return start, height if self.index == self.count - 1 else start + width
+
+
+_FLAT_BLOCK = re.compile(r"(single_transformer_blocks|transformer_blocks)_(\d+)_(.+)")
+
+
+@cache
+def _places() -> dict[str, Place]:
+    """Each diffusers layer outside the blocks and in block 0 of each kind, "." spelt "_", -> its Place."""
+    places = {}
+    for bfl, joined in bfl_table([0], [0]).items():
+        if bfl.endswith(".weight"):
+            for index, key in enumerate(joined.keys):
+                flat = key[: -len(".weight")].replace(".", "_")
+                places[flat] = Place(bfl[: -len(".weight")], index, len(joined.keys), joined.swap_halves)
+    return places
+
+
+def bfl_place(layer: str) -> Place | None:
+    """The Place of a diffusers Flux layer given as a module path (``transformer_blocks.0.attn.to_q``,
+    no ``transformer.`` prefix) or with "_" for "." as kohya-style names write it; None for no layer."""
+    flat = layer.replace(".", "_")
+    match = _FLAT_BLOCK.fullmatch(flat)
+    if match is None:
+        return _places().get(flat)
+    kind, number, rest = match[1], match[2], match[3]
+    place = _places().get(f"{kind}_0_{rest}")
+    if place is None:
+        return None
+    block = "double_blocks." if kind == "transformer_blocks" else "single_blocks."
+    return Place(block + number + place.module[len(block) + 1 :], place.index, place.count, place.swap_halves)

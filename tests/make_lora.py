@@ -224,3 +224,12 @@ def low_rank_change(shape, rank: int, generator, size: float = 0.1) -> torch.Ten
     u = torch.randn((out, rank), generator=generator, dtype=torch.float64)
     v = torch.randn((rank, rest), generator=generator, dtype=torch.float64)
     return (u @ v * size).reshape(shape)
+
+
+def lora_file(path: Path, shapes: dict[str, tuple[int, ...]], seed: int = 0, rank: int = 2, **kwargs) -> Path:
+    """A LoRA file with one module per name, for a change of ``shapes[name]`` (lora_module's options)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in shapes.items():
+        tensors.update(lora_module(name, shape, rank, generator, **kwargs))
+    return save(path, tensors)

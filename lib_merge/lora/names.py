@@ -6,13 +6,21 @@ SD1, ``model_transformer_resblocks_...`` in SD2, ``0_...`` and ``1_...`` for SDX
 turns each LoRA module's name into such a name (kohya's diffusers-style UNet names into the
 checkpoint's, ``lora_te*`` into the text encoders') and patches the layer of that name. Here the
 layer names are made from the checkpoint's keys instead, so no model is built.
+
+Flux LoRAs in diffusers' names (``transformer.transformer_blocks.0.attn.to_q``, or flattened as
+``lora_transformer_...``) are placed in BFL's layers as Forge's loader places them (its
+comfyui_lora_collection: ``flux_to_diffusers`` and ``model_lora_keys_unet``): a renamed layer is
+BFL's layer, a layer BFL fuses with others (q, k, v in ``qkv``, and the MLP in ``linear1``) patches
+its rows of it, and ``norm_out.linear`` patches the final modulation with its halves traded.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+from ..flux_diffusers import Place, bfl_place
 
 # Checkpoint key prefix -> the start of the webui's layer names for the part under it.
 _PREFIXES = (
@@ -41,13 +49,33 @@ _LINEAR = re.compile(r"(time_embedding|add_embedding)_linear_(\d+)$")
 _CLIP_LAYER = re.compile(r"text_model_encoder_layers_(\d+)_(.+)")
 
 
+# The start of the names lora_layer_names gives a diffusers Flux layer that is no whole BFL layer.
+_FLUX_PART = "flux_part_"
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a module lands: a checkpoint module path, and for a q/k/v projection of a fused
-    attention the third of its ``in_proj`` rows (0 q, 1 k, 2 v), else None."""
+    attention the third of its ``in_proj`` rows (0 q, 1 k, 2 v), else None; for a diffusers Flux
+    layer that is part of a BFL layer (or its halves traded), its ``part``."""
 
     module: str
     third: int | None = None
+    part: Place | None = None
+
+    def rows(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """The (start, stop) rows of the weight (of ``shape``) the module's change lands in; None for all."""
+        if self.third is not None:
+            size = shape[0] // 3
+            return self.third * size, (self.third + 1) * size
+        if self.part is not None and self.part.count > 1:
+            return self.part.rows(shape[0], shape[1] if len(shape) > 1 else 0)
+        return None
+
+    @property
+    def swap_halves(self) -> bool:
+        """The change's two halves (of rows) trade places in the checkpoint's layer."""
+        return self.part is not None and self.part.swap_halves
 
     @property
     def weight_key(self) -> str:
@@ -77,9 +105,14 @@ class LayerIndex:
             name = layer_name(module, bare_transformer)
             if name is not None:
                 table[name] = module
+        # diffusers' Flux names are placed in a Flux checkpoint only: SD3's diffusers names share some
+        # (proj_out, norm_out.linear), and half a LoRA baked would not be the LoRA.
+        self.flux = any(name.startswith("diffusion_model_double_blocks_") for name in self.layers)
 
     def find(self, module_name: str) -> Target | None:
         """The layer a LoRA module patches, or None when the checkpoint has no such layer."""
+        if not self.flux and _rule(module_name)[1] in _FLUX_RULES:
+            return None
         candidates = lora_layer_names(module_name)
         for name in candidates:
             if name in self.layers:
@@ -88,6 +121,10 @@ class LayerIndex:
             match = _QKV.match(name)
             if match and match[1] in self.fused:
                 return Target(self.fused[match[1]], "qkv".index(match[2]))
+            if name.startswith(_FLUX_PART) and (place := bfl_place(name[len(_FLUX_PART) :])):
+                layer = "diffusion_model_" + place.module.replace(".", "_")
+                if layer in self.layers:
+                    return Target(self.layers[layer], part=place)
         return None
 
 
@@ -106,11 +143,14 @@ def layer_name(module: str, bare_transformer: bool = False) -> str | None:
 
 def lora_layer_names(module_name: str) -> list[str]:
     """The layer names a LoRA module's name may mean, the likeliest first (the webui's fallbacks)."""
-    for prefix, rule in _RULES:
-        if module_name.startswith(prefix):
-            rest = module_name[len(prefix) :].replace(".", "_")
-            return [name for name in rule(rest) if name]
-    return []
+    prefix, rule = _rule(module_name)
+    rest = module_name[len(prefix) :].replace(".", "_")
+    return [name for name in rule(rest) if name]
+
+
+def _rule(module_name: str) -> tuple[str, Callable[[str], list[str | None]]]:
+    """(prefix, rule) of the first of _RULES whose prefix starts the name (the last has prefix "")."""
+    return next((prefix, rule) for prefix, rule in _RULES if module_name.startswith(prefix))
 
 
 def _unet(rest: str) -> list[str | None]:
@@ -193,6 +233,20 @@ def _diffusers_text_encoder(rest: str) -> list[str | None]:
     return [*_first_text_encoder(rest), _open_clip(rest)]
 
 
+def _flux_diffusers(rest: str) -> list[str | None]:
+    """A diffusers Flux transformer layer: BFL's layer of another name, or, for a part of one (to_q
+    in qkv) or one with halves traded (norm_out), a name of its own that ``find`` places."""
+    place = bfl_place(rest)
+    if place is None:
+        return []
+    return ["diffusion_model_" + place.module.replace(".", "_") if place.whole else _FLUX_PART + rest]
+
+
+def _peft(rest: str) -> list[str | None]:
+    """PEFT's own names for the transformer: ``base_model.model.`` then diffusers' (``transformer.`` or none)."""
+    return _flux_diffusers(rest) or _flux_diffusers(rest.removeprefix("transformer_"))
+
+
 _RULES = (
     ("lora_unet_", _unet),
     ("unet.", _unet),
@@ -201,4 +255,12 @@ _RULES = (
     ("lora_te2_", _second_text_encoder),
     ("text_encoder.", _diffusers_text_encoder),
     ("text_encoder_2.", _second_text_encoder),
+    # diffusers / PEFT (transformer.), OneTrainer and ai-toolkit (lora_transformer_), SimpleTuner's LyCORIS
+    # (lycoris_): the names Forge's loader takes for Flux, and PEFT's own and bare diffusers names.
+    ("transformer.", _flux_diffusers),
+    ("lora_transformer_", _flux_diffusers),
+    ("lycoris_", _flux_diffusers),
+    ("base_model.model.", _peft),
+    ("", _flux_diffusers),
 )
+_FLUX_RULES = (_flux_diffusers, _peft)

@@ -24,18 +24,20 @@ from ..io.formats import open_checkpoint
 from ..io.readers import CheckpointReader, TensorSpec, _shown
 from . import family as families
 from .formats import KIND_NAMES, Module, change_shape, dora, read_modules, scale, weight_change
-from .names import LayerIndex
+from .names import LayerIndex, Target
 
 
 @dataclass(frozen=True)
 class _Patch:
-    """One module's change to one key: its weight change (or, ``bias``, its diff_b), in ``shape``,
-    for a fused q/k/v the ``third`` of the key's rows it lands in."""
+    """One module's change to one key: its weight change (or, ``bias``, its diff_b), in ``shape``;
+    for a part of a fused layer (a q of a q/k/v, Flux's MLP in linear1) the (start, stop) ``rows`` of
+    the key it lands in, and ``swap_halves`` where its halves trade places there (Flux's norm_out)."""
 
     module: Module
     shape: tuple[int, ...]
     bias: bool = False
-    third: int | None = None
+    rows: tuple[int, int] | None = None
+    swap_halves: bool = False
 
 
 class LoraReader(CheckpointReader):
@@ -79,11 +81,11 @@ class LoraReader(CheckpointReader):
                 self.unmatched.append(module.name)
                 continue
             self._scales[module.name] = scale(module, self._number(module), lambda part, m=module: self._shape(m, part))
-            self._add(module, target.weight_key, target.third, shapes[module.name], bias=False)
+            self._add(module, target.weight_key, target, shapes[module.name], bias=False)
             if "diff_b" in module.parts:
                 bias_shape = self._shape(module, "diff_b")
                 if target.bias_key in base:
-                    self._add(module, target.bias_key, target.third, bias_shape, bias=True)
+                    self._add(module, target.bias_key, target, bias_shape, bias=True)
                 else:
                     self.unmatched.append(module.parts["diff_b"])
         if not self._patches:
@@ -123,7 +125,7 @@ class LoraReader(CheckpointReader):
 
         return number
 
-    def _add(self, module: Module, key: str, third: int | None, shape: tuple[int, ...], *, bias: bool) -> None:
+    def _add(self, module: Module, key: str, target: Target, shape: tuple[int, ...], *, bias: bool) -> None:
         """Record the module's change to ``key`` after checking it fits the checkpoint's tensor there."""
         spec = self._base.spec(key)
         if not spec.dtype.is_floating_point:
@@ -132,28 +134,38 @@ class LoraReader(CheckpointReader):
                 f"{self._base.path.name}, not a float weight"
             )
         expected = spec.shape
-        if third is not None:
-            if spec.shape[0] % 3:
-                raise IncompatibleModelsError(
-                    f"{self._base.path.name}: key {key} of shape {list(spec.shape)} is no q, k, v"
-                )
-            expected = (spec.shape[0] // 3, *spec.shape[1:])
-        if prod(shape) != prod(expected) and not (third is None and prod(shape) == prod(_four_channels(key, spec))):
+        rows = target.rows(self._base.spec(target.weight_key).shape)
+        if target.third is not None and spec.shape[0] % 3:
+            raise IncompatibleModelsError(
+                f"{self._base.path.name}: key {key} of shape {list(spec.shape)} is no q, k, v"
+            )
+        if (rows is not None and not 0 <= rows[0] < rows[1] <= spec.shape[0]) or (
+            target.swap_halves and spec.shape[0] % 2
+        ):
+            raise IncompatibleModelsError(
+                f"{self.path.name}: module {_shown(module.name)} is part of {key}, but {self._base.path.name} has "
+                f"{list(spec.shape)} there, which has no such part: they are different architectures"
+            )
+        if rows is not None:
+            expected = (rows[1] - rows[0], *spec.shape[1:])
+        whole = rows is None and not target.swap_halves
+        if prod(shape) != prod(expected) and not (whole and prod(shape) == prod(_four_channels(key, spec))):
             raise IncompatibleModelsError(
                 f"{self.path.name} (a LoRA for {self.family_name}): module {_shown(module.name)} changes {key} by "
                 f"{list(shape)}, but {self._base.path.name} ({self.base_family}) has {list(expected)} there: "
                 "they are different architectures"
             )
-        target = expected if prod(shape) == prod(expected) else _four_channels(key, spec)
+        shape_there = expected if prod(shape) == prod(expected) else _four_channels(key, spec)
         if not bias and module.has_dora:
-            self._check_dora(module, key, target, variant=target != expected)
+            self._check_dora(module, key, shape_there, variant=shape_there != expected)
         patches = self._patches.setdefault(key, [])
         for other in patches:
-            if other.third == third:
+            if _overlap(other.rows, rows, spec.shape[0]):
                 raise InputError(
                     f"{self.path}: modules {_shown(other.module.name)} and {_shown(module.name)} both patch {key}"
+                    + (f" (rows {rows[0]}:{rows[1]})" if rows else "")
                 )
-        patches.append(_Patch(module, tuple(target), bias, third))
+        patches.append(_Patch(module, tuple(shape_there), bias, rows, target.swap_halves))
 
     def _check_dora(self, module: Module, key: str, target: tuple[int, ...], *, variant: bool) -> None:
         magnitude = self._shape(module, "dora_scale")
@@ -175,19 +187,19 @@ class LoraReader(CheckpointReader):
         first 4 channels, whose extra channels the engine keeps from the checkpoint as merges do."""
         patches = self._patches[key]
         spec = self._base.spec(key)
-        if any(p.third is not None for p in patches):
+        if any(p.rows is not None for p in patches):
             return tuple(spec.shape)
         return patches[0].shape
 
     def __getitem__(self, key: str) -> torch.Tensor:
         spec = self._specs[key]
         patches = self._patches.get(key, [])
-        if len(patches) == 1 and patches[0].third is None:
+        if len(patches) == 1 and patches[0].rows is None:
             return self._change(key, patches[0])
         total = torch.zeros(spec.shape, dtype=torch.float64)
         for patch in patches:
-            rows = spec.shape[0] // 3
-            total[patch.third * rows : (patch.third + 1) * rows] += self._change(key, patch)
+            start, stop = patch.rows or (0, spec.shape[0])
+            total[start:stop] += self._change(key, patch)
         return total
 
     def _change(self, key: str, patch: _Patch) -> torch.Tensor:
@@ -197,12 +209,14 @@ class LoraReader(CheckpointReader):
             return self._lora[module.parts[part]].to(torch.float64)
 
         if patch.bias:  # the webui adds diff_b unscaled
-            return get("diff_b").reshape(patch.shape)
-        change = weight_change(module, get).reshape(patch.shape) * self._scales[module.name]
+            return _swapped(get("diff_b").reshape(patch.shape), patch.swap_halves)
+        change = _swapped(
+            weight_change(module, get).reshape(patch.shape) * self._scales[module.name], patch.swap_halves
+        )
         if module.has_dora:
             weight = self._base[key]
-            if patch.third is not None:
-                weight = weight[patch.third * patch.shape[0] : (patch.third + 1) * patch.shape[0]]
+            if patch.rows is not None:
+                weight = weight[patch.rows[0] : patch.rows[1]]
             change = dora(change, weight.to(torch.float64), get("dora_scale"))
         return change
 
@@ -221,6 +235,20 @@ class LoraReader(CheckpointReader):
 
     def close(self) -> None:
         self._lora.close()  # the base checkpoint is the plan's to close
+
+
+def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None, height: int) -> bool:
+    """Whether two patches' rows (None: all ``height`` of them) meet."""
+    a, b = a or (0, height), b or (0, height)
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def _swapped(change: torch.Tensor, swap: bool) -> torch.Tensor:
+    """The change with its halves of rows traded, where ``swap``: diffusers' scale, shift -> BFL's shift, scale."""
+    if not swap:
+        return change
+    first, second = change.chunk(2)
+    return torch.cat([second, first])
 
 
 def _four_channels(key: str, spec: TensorSpec) -> tuple[int, ...]:
