@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future
 
 import torch
@@ -74,15 +74,14 @@ def merge(
     *,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-    plan_with: Callable[[MergeRequest, Host], Plan] = make_plan,
 ) -> MergeResult:
-    """Preflight, merge, write, register: the one path the tab, the API and the CLI take
-    (``plan_with``: the preflight, e.g. a LoRA bake's, which reads LoRA files as changes)."""
+    """Preflight, merge, write, register: the one path the tab, the API and the CLI take; the
+    result's notes start with what the preflight said of each LoRA baked in."""
     from . import engine
 
     started = time.perf_counter()
     device = _device(request, host)  # a device this machine lacks is refused before any file is read
-    plan = plan_with(request, host)
+    plan = make_plan(request, host)
     try:
         plan.check()
         planned = time.perf_counter()
@@ -98,6 +97,7 @@ def merge(
         "merge_s": written - planned,
         "total_s": time.perf_counter() - started,
     }
+    notes = plan.lora_notes + notes
     return MergeResult(plan.output, sha256, json.loads(recipe) if recipe else None, timings, name, config, notes)
 
 
@@ -138,7 +138,7 @@ def merge_into(
         plan.close()
     recipe = recipe_dict(request, tree)
     timings = {"preflight_s": planned - started, "merge_s": time.perf_counter() - planned}
-    return InPlaceResult(plan.output.stem, recipe, recipe_hash(recipe), missing, timings, notes)
+    return InPlaceResult(plan.output.stem, recipe, recipe_hash(recipe), missing, timings, plan.lora_notes + notes)
 
 
 def _hash_meanwhile(plan: Plan, host: Host) -> Future:

@@ -1,4 +1,5 @@
-"""HTTP routes over the same actions as the tab: POST /merge-lab/v1/merge, GET /merge-lab/v1/models.
+"""HTTP routes over the same actions as the tab: POST /merge-lab/v1/merge, GET /merge-lab/v1/models,
+and the LoRA routes (POST /merge-lab/v1/lora/bake, /lora/extract, /lora/merge; GET /merge-lab/v1/loras).
 
 Bad input is an HTTP 4xx with ``{"detail": message}``, never a 500. The body's schema is made
 from MergeRequest's own fields, so the API cannot drift from the tab and the CLI.
@@ -17,7 +18,7 @@ from typing import Any, Union
 from fastapi import Depends, FastAPI, HTTPException, Request
 from pydantic import create_model
 
-from . import actions, arch
+from . import actions, arch, lora_actions
 from .auth import Credentials, check_basic_auth
 from .errors import CancelledError, IncompatibleModelsError, MergeError, OutputError, RequestError, brief
 from .hosts import AppHost
@@ -70,6 +71,33 @@ SweepBody = _sweep_body_model()
 CancelBody = create_model("CancelBody", id_task=(str, ...))
 
 
+def _lora_body_model(name: str, defaults: dict):
+    """A LoRA route's body: its fields with their defaults, values checked by lora_actions (a
+    number typed as a float would let pydantic raise a 500 on a 400-digit one)."""
+    fields: dict[str, Any] = {"id_task": (str, "")}
+    fields.update({field: (Any, default) for field, default in defaults.items()})
+    return create_model(name, **fields)
+
+
+BakeBody = _lora_body_model(
+    "BakeBody",
+    {
+        "checkpoint": "",
+        "loras": [],
+        "custom_name": "",
+        "checkpoint_format": "safetensors",
+        "dtype": "",
+        "save_metadata": True,
+        "add_merge_recipe": True,
+        "overwrite": False,
+        "device": "auto",
+        "load": False,
+    },
+)
+ExtractBody = _lora_body_model("ExtractBody", lora_actions.EXTRACT_DEFAULTS)
+LoraMergeBody = _lora_body_model("LoraMergeBody", lora_actions.MERGE_DEFAULTS)
+
+
 def add_routes(app: FastAPI, host: AppHost, credentials: Credentials | None = None) -> None:
     """Add the routes to ``app``; with ``credentials`` (user -> password) they need HTTP basic auth.
 
@@ -88,16 +116,35 @@ def add_routes(app: FastAPI, host: AppHost, credentials: Credentials | None = No
             return actions.run_merge(host, request, load=load, task_id=owner, owner=owner)
 
         # The merge holds the host's job slot for its whole run: keep the event loop free.
-        outcome = await _answer(run)
-        return {
-            "id_task": owner,
-            "path": str(outcome.path),
-            "title": outcome.title,
-            "sha256": outcome.sha256,
-            "loaded": outcome.loaded,
-            "seconds": round(outcome.seconds, 3),
-            "notes": outcome.notes,
-        }
+        return _saved(owner, await _answer(run))
+
+    async def bake(body: BakeBody):  # type: ignore[valid-type]
+        """Bake LoRAs (names in the LoRA folder, each at a ratio, optionally per block) into a
+        checkpoint: a merge like /merge, whose recipe has a LoRA node per LoRA."""
+        fields = _fields(body)
+        owner = _owner(fields)
+
+        def run():
+            request, load = lora_actions.bake_request_from_fields(host, fields)
+            return actions.run_merge(host, request, load=load, task_id=owner, owner=owner)
+
+        return _saved(owner, await _answer(run))
+
+    async def extract(body: ExtractBody):  # type: ignore[valid-type]
+        """Extract a kohya LoRA of the given rank from two checkpoints (base, tuned) into the LoRA folder."""
+        fields = _fields(body)
+        owner = _owner(fields)
+        return _lora_saved(
+            owner, await _answer(lambda: lora_actions.run_extract(host, fields, task_id=owner, owner=owner))
+        )
+
+    async def merge_loras(body: LoraMergeBody):  # type: ignore[valid-type]
+        """Merge LoRAs at ratios into one in the LoRA folder: exactly (ranks concatenated) or, with rank, by SVD."""
+        fields = _fields(body)
+        owner = _owner(fields)
+        return _lora_saved(
+            owner, await _answer(lambda: lora_actions.run_merge(host, fields, task_id=owner, owner=owner))
+        )
 
     async def try_in_model(body: MergeBody):  # type: ignore[valid-type]
         fields = _fields(body)
@@ -172,6 +219,42 @@ def add_routes(app: FastAPI, host: AppHost, credentials: Credentials | None = No
     app.add_api_route(f"{PREFIX}/cancel", cancel, methods=["POST"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/methods", method_listing, methods=["GET"], dependencies=dependencies)
     app.add_api_route(f"{PREFIX}/models", lambda: _models(host), methods=["GET"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/lora/bake", bake, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/lora/extract", extract, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/lora/merge", merge_loras, methods=["POST"], dependencies=dependencies)
+    app.add_api_route(f"{PREFIX}/loras", lambda: _loras(host), methods=["GET"], dependencies=dependencies)
+
+
+def _saved(owner: str, outcome: actions.MergeOutcome) -> dict:
+    return {
+        "id_task": owner,
+        "path": str(outcome.path),
+        "title": outcome.title,
+        "sha256": outcome.sha256,
+        "loaded": outcome.loaded,
+        "seconds": round(outcome.seconds, 3),
+        "notes": outcome.notes,
+    }
+
+
+def _lora_saved(owner: str, outcome: lora_actions.LoraOutcome) -> dict:
+    return {
+        "id_task": owner,
+        "name": outcome.name,
+        "path": str(outcome.path),
+        "sha256": outcome.sha256,
+        "modules": outcome.modules,
+        "seconds": round(outcome.seconds, 3),
+        "notes": outcome.notes,
+    }
+
+
+def _loras(host: AppHost) -> list[dict]:
+    """The LoRA files the host lists (names relative to its LoRA folder); none where it has no folder."""
+    try:
+        return [{"name": name} for name in host.loras()]
+    except MergeError:
+        return []
 
 
 async def _answer(run: Callable):

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true", help="serve small demo checkpoints made in a temp folder")
     parser.add_argument("--output", type=Path, help="where merges go (default: the models folder)")
     parser.add_argument("--vae-dir", type=Path, help="folder of VAEs that can be baked in")
+    parser.add_argument("--lora-dir", type=Path, help="folder of LoRAs to bake in; extracted and merged LoRAs go there")
     parser.add_argument("--port", type=int, default=7870)
     parser.add_argument("--listen", default="127.0.0.1", help="address to serve on (default: this machine only)")
     parser.add_argument("--auth", help="USER:PASSWORD that the page and every API route require (HTTP basic)")
@@ -47,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         args.models = make_demo(Path(tempfile.mkdtemp(prefix="merge-lab-demo-")))
     if args.models is None or not args.models.is_dir():
         parser.error(f"--models: {args.models} is not a folder" if args.models else "give --models DIR or --demo")
-    host = FolderHost(args.models, output_dir=args.output, vae_dir=args.vae_dir)
-    remove_leftovers(host.output_dir())  # temp files of merges that were killed (kill -9, a power cut)
+    host = FolderHost(args.models, output_dir=args.output, vae_dir=args.vae_dir, lora_dir=args.lora_dir)
+    for folder in (host.output_dir(), args.lora_dir):  # temp files of merges that were killed (kill -9, a power cut)
+        if folder is not None:
+            remove_leftovers(folder)
     serve(host, args.listen, args.port, credentials)
     return 0
 

@@ -18,7 +18,7 @@ import torch
 
 from . import arch, blocks, names
 from .errors import IncompatibleModelsError, InputError, MergeError, OutputError, RequestError
-from .hosts import Checkpoint, Host
+from .hosts import Checkpoint, Host, resolve_lora
 from .io import metadata as meta
 from .io.formats import open_checkpoint
 from .io.readers import CheckpointReader, TensorSpec
@@ -76,6 +76,7 @@ class Plan:
     problems: list[MergeError] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     layouts: list[str] = field(default_factory=list)  # how inputs in other layouts were matched to A's
+    lora_notes: list[str] = field(default_factory=list)  # what each LoRA leaves out: the result says it again
 
     @property
     def output_bytes(self) -> int:
@@ -126,7 +127,7 @@ class Plan:
         precision = describe(self.request.dtype, self.request.save_as_half)
         lines.append(f"Output dtypes: {self.output_dtypes()} ({precision})")
         lines.append(f"Free space in {self.output.parent}: {_size(self.free_bytes)}")
-        lines += [f"Note: {note}" for note in self.notes]
+        lines += [f"Note: {note}" for note in self.lora_notes + self.notes]
         lines += [f"Problem: {problem}" for problem in self.problems]
         lines.append("Ready to merge." if self.ok else "Refused: nothing will be written.")
         return "\n".join(lines)
@@ -150,6 +151,8 @@ def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True, op
     leaving the recipe's input hashes (a full read of every input) to the merge itself.
     ``open_input`` opens a model file (a sweep's InputCache.open keeps its tensors between merges).
     """
+    from .lora.inputs import lora_input, lora_notes  # the lora package builds on the engine
+
     if request.tree is None:
         _check_builtin_inputs(request)
     if request.custom_name and not request.output_path:  # refused before any file is opened or hashed
@@ -163,9 +166,14 @@ def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True, op
     vae = None
     try:
         for name, role in roles.items():
-            sources[role] = Source(role, checkpoints[name], open_input(checkpoints[name].path))
+            checkpoint = checkpoints[name]
+            # A LoRA is read as changes to the primary, which is opened first (role A).
+            reader = lora_input(checkpoint, sources["A"]) if checkpoint.lora else open_input(checkpoint.path)
+            sources[role] = Source(role, checkpoint, reader)
         vae = _open_vae(request, host)
-        return _plan(request, tree, roles, host, sources, vae, hash_inputs)
+        plan = _plan(request, tree, roles, host, sources, vae, hash_inputs)
+        plan.lora_notes = lora_notes(plan)
+        return plan
     except BaseException:
         for source in sources.values():
             source.reader.close()
@@ -175,16 +183,21 @@ def make_plan(request: MergeRequest, host: Host, *, hash_inputs: bool = True, op
 
 
 def _resolve_models(request: MergeRequest, tree: MergeNode, host: Host) -> dict[str, Checkpoint]:
-    """Each model name as the host resolves it; an error names the field that gave the name."""
+    """Each model (or LoRA) name as the host resolves it; an error names the field that gave the name."""
     refs = list(tree.models())
-    where = MODEL_FIELDS if request.tree is None else [f"recipe model {i + 1}" for i in range(len(refs))]
+    where = MODEL_FIELDS if request.tree is None else [f"recipe {ref.field} {i + 1}" for i, ref in enumerate(refs)]
+    if refs[0].lora:
+        raise RequestError(f"{where[0]}: {refs[0].name} is a LoRA; the first input is the model it changes")
     checkpoints = {}
     for source, ref in zip(where, refs, strict=False):
-        if ref.name not in checkpoints:
-            try:
-                checkpoints[ref.name] = host.resolve(ref.name)
-            except MergeError as err:
-                raise type(err)(f"{source}: {err}") from None
+        if ref.name in checkpoints:
+            if checkpoints[ref.name].lora != ref.lora:
+                raise RequestError(f"{source}: {ref.name} is named both as a model and as a LoRA; rename one file")
+            continue
+        try:
+            checkpoints[ref.name] = resolve_lora(host, ref.name) if ref.lora else host.resolve(ref.name)
+        except MergeError as err:
+            raise type(err)(f"{source}: {err}") from None
     return checkpoints
 
 

@@ -13,6 +13,11 @@ serialised ``MergeRequest``: the tree plus the request's output fields, under th
       blocks: {lambda: "BASE=0,IN*=0.5"}
     output: {dtype: bf16, custom_name: my-merge}   # dtype: keep, fp32, fp16, bf16, fp8_e4m3fn, fp8_e5m2
     greedy_soup: {...}   # optional: how the merge was found (MergeRequest.provenance), not used to merge
+
+A LoRA is a change, not a model: it is the second input of ``add_delta``, named ``{lora: NAME}``
+(a file in the host's LoRA folder), and its ratio is the node's ``alpha``:
+
+    merge: {method: add_delta, models: [{method: ties, ...}, {lora: style.safetensors}], params: {alpha: 0.8}}
 """
 
 from __future__ import annotations
@@ -54,16 +59,25 @@ OUTPUT_FIELDS = (
     "metadata_json",
     "dtype",
 )
+# The input of add_delta that a LoRA may be (a LoRA is a change, not a model to blend).
+DELTA_INPUT = "delta"
 # What a recipe may say about how its merge was found (MergeRequest.provenance), each a mapping.
 PROVENANCE_KEYS = ("greedy_soup",)
 
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model input: its name (or path) and, in a recipe made from a merge, its sha256."""
+    """A model input: its name (or path) and, in a recipe made from a merge, its sha256; ``lora``
+    for a LoRA file (resolved in the host's LoRA folder, read as changes to the primary model)."""
 
     name: str
     sha256: str | None = None
+    lora: bool = False
+
+    @property
+    def field(self) -> str:
+        """The recipe field that names it: ``model`` or ``lora``."""
+        return "lora" if self.lora else "model"
 
 
 @dataclass(frozen=True)
@@ -103,13 +117,19 @@ class MergeNode:
             if isinstance(item, MergeNode):
                 item.validate(f"{where}.models[{index}]")
             elif not item.name:
-                raise RequestError(f"{where}.models[{index}]: empty model name")
+                raise RequestError(f"{where}.models[{index}]: empty {item.field} name")
+            elif item.lora and (method.variadic or method.inputs[index] != DELTA_INPUT):
+                raise RequestError(
+                    f"{where}.models[{index}]: a LoRA is a change to a model, baked with add_delta: "
+                    "{method: add_delta, models: [MODEL, {lora: NAME}], params: {alpha: RATIO}}"
+                )
 
     def with_refs(self, refs: dict[str, ModelRef]) -> MergeNode:
-        """The same tree with each model input replaced by ``refs[its name]`` (name as the host
-        knows it, sha256), where given."""
+        """The same tree with each model input's name and sha256 replaced by ``refs[its name]``'s
+        (name as the host knows it, sha256), where given; a LoRA stays a LoRA."""
         inputs = tuple(
-            item.with_refs(refs) if isinstance(item, MergeNode) else refs.get(item.name, item) for item in self.inputs
+            item.with_refs(refs) if isinstance(item, MergeNode) else _renamed(item, refs.get(item.name))
+            for item in self.inputs
         )
         return dataclasses.replace(self, inputs=inputs)
 
@@ -120,6 +140,10 @@ class MergeNode:
         if self.blocks:
             data["blocks"] = dict(self.blocks)
         return data
+
+
+def _renamed(item: ModelRef, ref: ModelRef | None) -> ModelRef:
+    return item if ref is None else ModelRef(ref.name, ref.sha256, item.lora)
 
 
 def node_from_dict(data, where: str = "merge") -> MergeNode:
@@ -159,17 +183,20 @@ def _unknown(data: dict, known) -> str | None:
 def _input_to_dict(item: ModelRef | MergeNode):
     if isinstance(item, MergeNode):
         return item.to_dict()
-    return {"model": item.name, "sha256": item.sha256} if item.sha256 else item.name
+    if item.lora or item.sha256:
+        return {item.field: item.name, "sha256": item.sha256} if item.sha256 else {item.field: item.name}
+    return item.name
 
 
 def _input_from_dict(item, where: str, depth: int) -> ModelRef | MergeNode:
     if isinstance(item, str):
         return ModelRef(item)
-    if isinstance(item, dict) and "model" in item:
-        unknown = _unknown(item, {"model", "sha256"})
-        if unknown:
-            raise RequestError(f"{where}.{unknown}: unknown field (a model has model and sha256)")
-        return ModelRef(str(item["model"]), item.get("sha256") or None)
+    for field_name in ("model", "lora"):
+        if isinstance(item, dict) and field_name in item:
+            unknown = _unknown(item, {field_name, "sha256"})
+            if unknown:
+                raise RequestError(f"{where}.{unknown}: unknown field (a {field_name} has {field_name} and sha256)")
+            return ModelRef(str(item[field_name]), item.get("sha256") or None, lora=field_name == "lora")
     return _node_from_dict(item, where, depth + 1)
 
 

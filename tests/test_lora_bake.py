@@ -311,7 +311,7 @@ def test_cli_bakes_prints_path_and_sha256_and_never_overwrites(tmp_path):
         header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
     merged = json.loads(header["__metadata__"]["sd_merge_recipe"])["merge_lab_recipe"]["merge"]
     assert merged["method"] == "add_delta" and merged["params"] == {"alpha": 0.5}
-    assert [m["model"] if isinstance(m, dict) else m for m in merged["models"]][-1].endswith("style.safetensors")
+    assert merged["models"][-1]["lora"].endswith("style.safetensors")  # a LoRA, which a replay reads as one
     before = out.read_bytes()
     again = cli("lora", "bake", checkpoint, lora, "-o", out)
     assert again.returncode == 1 and "already exists" in again.stderr and len(again.stderr.strip().splitlines()) == 1

@@ -34,6 +34,9 @@ def _run_options(parser: argparse.ArgumentParser, default_models: str) -> None:
     parser.add_argument(
         "--models", type=Path, help=f"folder the recipe's model names are in (default: {default_models})"
     )
+    parser.add_argument(
+        "--loras", type=Path, help="folder the recipe's LoRA names are in (default: the --models folder)"
+    )
     parser.add_argument("-o", "--output", type=Path, help="output file (default: the recipe's name in --models)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -117,4 +120,5 @@ def _options(args) -> dict:
 
 def _run(request, models: Path, args, run_request) -> int:
     output_dir = args.output.parent if args.output is not None and str(args.output.parent) else models
-    return run_request(request, FolderHost(models, output_dir=output_dir, device=args.device), args)
+    host = FolderHost(models, output_dir=output_dir, lora_dir=args.loras or models, device=args.device)
+    return run_request(request, host, args)

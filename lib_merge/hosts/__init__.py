@@ -19,15 +19,19 @@ import torch
 # What a models folder lists as checkpoints: Forge lists GGUF files too (read, never written).
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+# What the webui's Lora extension lists in its LoRA folder.
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 _TITLE_HASH = re.compile(r"\s\[[0-9a-fA-F]{8,64}\]$")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint file and its name as the webui shows it (relative to the checkpoint folder)."""
+    """A checkpoint file and its name as the webui shows it (relative to the checkpoint folder);
+    ``lora`` for a LoRA file, named relative to the LoRA folder."""
 
     path: Path
     name: str
+    lora: bool = False
 
     @property
     def model_name(self) -> str:
@@ -41,6 +45,9 @@ class Host(Protocol):
 
     def resolve(self, name: str) -> Checkpoint:
         """A checkpoint by name or title (``name [hash]``); raises InputError naming it if unknown."""
+
+    def resolve_lora(self, name: str) -> Checkpoint:
+        """A LoRA file by name (relative to the host's LoRA folder); raises InputError naming it if unknown."""
 
     def sha256(self, checkpoint: Checkpoint) -> str:
         """The file's sha256, from the host's cache when it has one."""
@@ -71,6 +78,15 @@ class AppHost(Host, Protocol):
     def vaes(self) -> list[str]:
         """Names of the VAEs that can be baked in."""
 
+    def loras(self) -> list[str]:
+        """Names of the LoRA files in the host's LoRA folder (relative paths)."""
+
+    def lora_dir(self) -> Path:
+        """Where extracted and merged LoRAs go: the folder the host's LoRA loader lists."""
+
+    def register_lora(self, path: Path) -> str:
+        """Make a new LoRA file known to the host's LoRA list (and cards); returns its name."""
+
     def devices(self) -> list[str]:
         """Devices a merge can run on here, the host's own first."""
 
@@ -89,6 +105,37 @@ class AppHost(Host, Protocol):
 
     def interrupt(self, owner: str) -> bool:
         """Ask the running job to stop if ``owner`` started it; another's job runs on. True if asked."""
+
+
+def resolve_lora(host: Host, name: str) -> Checkpoint:
+    """``host.resolve_lora(name)``; a host made before LoRAs (one that lacks it) refuses by name."""
+    from ..errors import InputError
+
+    if not hasattr(host, "resolve_lora"):
+        raise InputError(f"LoRA {name}: this host has no LoRA folder")
+    return host.resolve_lora(name)
+
+
+def lora_in_folder(folder: Path, name: str) -> Checkpoint:
+    """A LoRA named relative to ``folder``, resolved inside it only (names come from requests)."""
+    from ..errors import InputError, shown
+    from ..names import inside, shorten
+
+    plain = name.strip() if isinstance(name, str) else name
+    path = inside(folder, plain, f"LoRA {shown(plain)}")
+    if path.suffix.lower() not in LORA_SUFFIXES:
+        raise InputError(f"{shown(plain)}: not a LoRA file name (expected {' or '.join(LORA_SUFFIXES)})")
+    if not path.is_file():
+        raise InputError(f"{shorten(plain, 200)}: no such LoRA in the LoRA folder")
+    return Checkpoint(path, path.relative_to(folder).as_posix(), lora=True)
+
+
+def list_files(folder: Path | None, suffixes: tuple[str, ...]) -> list[str]:
+    """The files under ``folder`` with one of ``suffixes``, as sorted paths relative to it."""
+    if folder is None or not folder.is_dir():
+        return []
+    files = (p for p in folder.rglob("*") if p.suffix.lower() in suffixes)
+    return sorted(p.relative_to(folder).as_posix() for p in files if p.is_file())
 
 
 def strip_title(name: str) -> str:

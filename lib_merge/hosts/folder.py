@@ -11,7 +11,18 @@ from pathlib import Path
 
 from ..errors import InputError, shown
 from ..names import inside, shorten
-from . import CHECKPOINT_SUFFIXES, VAE_SUFFIXES, Checkpoint, default_device, devices_here, hash_file, strip_title
+from . import (
+    CHECKPOINT_SUFFIXES,
+    LORA_SUFFIXES,
+    VAE_SUFFIXES,
+    Checkpoint,
+    default_device,
+    devices_here,
+    hash_file,
+    list_files,
+    lora_in_folder,
+    strip_title,
+)
 
 
 class FolderHost:
@@ -20,7 +31,8 @@ class FolderHost:
     Names are paths relative to the folder, and resolve inside it only (``lib_merge.names``): the
     standalone app and recipes hand it names from whoever reaches them. ``allow_paths`` is for the
     CLI, whose paths come from the person at the keyboard: then a path to a file elsewhere resolves
-    too (its name is the file name, as in the webui). Hashes are cached by path, size and mtime in a
+    too (its name is the file name, as in the webui). LoRA names resolve the same way in
+    ``lora_dir``, where extracted and merged LoRAs go. Hashes are cached by path, size and mtime in a
     JSON file, like the webui's own cache, so an input is hashed once, not at every merge.
     """
 
@@ -30,6 +42,7 @@ class FolderHost:
         *,
         output_dir=None,
         vae_dir=None,
+        lora_dir=None,
         device="auto",
         hash_cache: str | os.PathLike | None = None,
         allow_paths: bool = False,
@@ -37,6 +50,7 @@ class FolderHost:
         self.models_dir = Path(models_dir)
         self._output_dir = Path(output_dir) if output_dir else self.models_dir
         self.vae_dir = Path(vae_dir) if vae_dir else None
+        self.lora_folder = Path(lora_dir) if lora_dir else None
         self._device = device
         self.allow_paths = allow_paths
         self._hash_cache = Path(hash_cache) if hash_cache else _default_hash_cache()
@@ -45,10 +59,7 @@ class FolderHost:
         self._owner: str | None = None  # who started the running job; None while none runs
 
     def checkpoints(self) -> list[str]:
-        if not self.models_dir.is_dir():
-            return []
-        files = (p for p in self.models_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES)
-        return sorted(p.relative_to(self.models_dir).as_posix() for p in files if p.is_file())
+        return list_files(self.models_dir, CHECKPOINT_SUFFIXES)
 
     def resolve(self, name: str) -> Checkpoint:
         plain = strip_title(name)
@@ -65,13 +76,26 @@ class FolderHost:
             raise InputError(f"{shorten(name, 200)}: no such checkpoint{where}")
         return self._checkpoint_at(path)
 
-    def _checkpoint_at(self, path: Path) -> Checkpoint:
-        """A file as a checkpoint: named relative to the models folder, or by its file name outside it."""
+    def resolve_lora(self, name: str) -> Checkpoint:
+        folder = self.lora_folder
+        if not self.allow_paths:
+            if folder is None:
+                raise InputError(f"LoRA {shown(name)}: this app has no LoRA folder (start it with --lora-dir)")
+            return lora_in_folder(folder, name)
+        in_folder = folder / name if folder else None
+        path = in_folder if in_folder and in_folder.is_file() else Path(name)
+        if not path.is_file():
+            where = f" (looked in {folder} and the current folder)" if folder else ""
+            raise InputError(f"{shorten(name, 200)}: no such LoRA{where}")
+        return self._checkpoint_at(path, folder, lora=True)
+
+    def _checkpoint_at(self, path: Path, folder: Path | None = None, *, lora: bool = False) -> Checkpoint:
+        """A file as a checkpoint (or LoRA): named relative to its folder, or by its file name outside it."""
         try:
-            name = path.resolve().relative_to(self.models_dir.resolve()).as_posix()
+            name = path.resolve().relative_to((folder or self.models_dir).resolve()).as_posix()
         except ValueError:
             name = path.name
-        return Checkpoint(path, name)
+        return Checkpoint(path, name, lora)
 
     def sha256(self, checkpoint: Checkpoint) -> str:
         path = checkpoint.path.resolve()
@@ -110,11 +134,18 @@ class FolderHost:
         pass  # every listing reads the folder afresh
 
     def vaes(self) -> list[str]:
-        folder = self.vae_dir
-        if folder is None or not folder.is_dir():
-            return []
-        files = (p for p in folder.rglob("*") if p.suffix.lower() in VAE_SUFFIXES)
-        return sorted(p.relative_to(folder).as_posix() for p in files if p.is_file())
+        return list_files(self.vae_dir, VAE_SUFFIXES)
+
+    def loras(self) -> list[str]:
+        return list_files(self.lora_folder, LORA_SUFFIXES)
+
+    def lora_dir(self) -> Path:
+        if self.lora_folder is None:
+            raise InputError("this app has no LoRA folder to save LoRAs in (start it with --lora-dir)")
+        return self.lora_folder
+
+    def register_lora(self, path: Path) -> str:
+        return self._checkpoint_at(Path(path), self.lora_folder, lora=True).name
 
     def devices(self) -> list[str]:
         return devices_here(self.device())

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from PIL import Image
 
 from ..errors import CancelledError, InputError, RequestError
 from ..loop.runner import Generated, ImageSettings
-from . import Checkpoint, devices_here, hash_file
+from . import LORA_SUFFIXES, Checkpoint, devices_here, hash_file, list_files, lora_in_folder
 
 MERGE_JOB = "merge-lab"  # shared.state.job while a merge runs
 
@@ -55,8 +56,31 @@ class WebuiHost:
 
     def sha256(self, checkpoint: Checkpoint) -> str:
         # The webui's cached hash when it has one; --no-hashing makes it None, but a recipe needs one.
-        digest = hashes.sha256(str(checkpoint.path), f"checkpoint/{checkpoint.name}")
+        # (The Lora extension caches a LoRA's hash of its tensors only, under "hashes-addnet": this
+        # whole-file hash is kept apart, in the same cache as the webui's whole-file hashes.)
+        title = f"lora/{checkpoint.name}" if checkpoint.lora else f"checkpoint/{checkpoint.name}"
+        digest = hashes.sha256(str(checkpoint.path), title)
         return digest or hash_file(checkpoint.path)
+
+    def resolve_lora(self, name: str) -> Checkpoint:
+        return lora_in_folder(self.lora_dir(), name)
+
+    def loras(self) -> list[str]:
+        return list_files(self.lora_dir(), LORA_SUFFIXES)
+
+    def lora_dir(self) -> Path:
+        """The folder the Lora extension lists (``--lora-dir``, models/Lora by default)."""
+        folder = getattr(shared.cmd_opts, "lora_dir", None)
+        if not folder:
+            raise InputError("the webui has no LoRA folder (is the built-in Lora extension disabled?)")
+        return Path(folder)
+
+    def register_lora(self, path: Path) -> str:
+        """Rescan the Lora extension's list, so the prompt and the cards know the new file at once."""
+        networks = sys.modules.get("networks")  # the Lora extension's module, as its scripts import it
+        if hasattr(networks, "list_available_networks"):
+            networks.list_available_networks()
+        return Path(path).relative_to(self.lora_dir()).as_posix()
 
     def vae_path(self, name: str) -> Path | None:
         path = sd_vae.vae_dict.get(name)
