@@ -1,6 +1,6 @@
 // Merge Lab's page-side parts, and nothing else: the progress bar while a merge, a try or a sweep
-// runs, the top checkpoint dropdown after it (the webui's or Forge's), switching to txt2img, and reading
-// txt2img's settings for a sweep. The webui injects
+// runs, the top checkpoint dropdown after it (the webui's or Forge's), switching to txt2img, reading
+// txt2img's settings for a sweep, and the Lora cards after a LoRA is written. The webui injects
 // this file; the functions it calls (randomId, requestProgress, selectCheckpoint,
 // switch_to_txt2img, onUiUpdate, gradioApp) are the webui's own.
 
@@ -82,4 +82,18 @@ onUiUpdate(function() {
     if (done.dataset.open === "1") {
         switch_to_txt2img();
     }
+    if (done.dataset.lora === "1") {
+        mergeLabRefreshLoraCards();
+    }
 });
+
+// A LoRA was written into the LoRA folder: the Lora cards of txt2img and img2img list it again,
+// through the hidden button each extra networks page refreshes itself with (the webui's and Forge's).
+function mergeLabRefreshLoraCards() {
+    ["txt2img", "img2img"].forEach(function(tab) {
+        var button = gradioApp().getElementById(tab + "_lora_extra_refresh_internal");
+        if (button) {
+            button.dispatchEvent(new Event("click"));
+        }
+    });
+}

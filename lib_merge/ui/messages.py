@@ -6,8 +6,12 @@ from __future__ import annotations
 import html
 
 
-def done_html(message: str, *, title: str = "", loaded: bool = False, open_txt2img: bool = False) -> str:
+def done_html(
+    message: str, *, title: str = "", loaded: bool = False, open_txt2img: bool = False, lora: bool = False
+) -> str:
+    """``lora``: a LoRA file was written, so the page script refreshes the host's Lora cards."""
     data = f' data-title="{html.escape(title)}" data-loaded="{int(loaded)}" data-open="{int(open_txt2img)}"'
+    data += f' data-lora="{int(lora)}"'
     return f'<div class="merge-lab-done"{data}>{pre(message)}</div>'
 
 

@@ -13,13 +13,13 @@ import uuid
 
 import gradio as gr
 
-from .. import actions, arch, precision
+from .. import actions, arch, lora_actions, precision
 from ..errors import MergeError, brief
 from ..hosts import AppHost
 from ..io.formats import open_checkpoint
 from ..methods import get_method, listed_methods
 from ..request import CONFIG_SOURCES, FORMATS
-from . import compat, experiments, method_controls
+from . import compat, experiments, lora_section, method_controls
 from .messages import done_html, error_html
 from .recipe_fields import PARAM_NAMES, TAB_FIELDS, block_chart, pickers_text, recipe_from_controls
 
@@ -48,6 +48,7 @@ def build_tab(host: AppHost, *, in_webui: bool = False) -> gr.Blocks:
                 ui.update(method_controls.build_blocks())
                 ui.update(build_metadata())
                 ui.update(method_controls.build_recipe())
+                ui.update(lora_section.build_lora(host))
             with gr.Column(variant="compact"):
                 ui.update(build_actions(host, in_webui))
                 ui.update(experiments.build_try(host))
@@ -55,6 +56,7 @@ def build_tab(host: AppHost, *, in_webui: bool = False) -> gr.Blocks:
                 ui.update(experiments.build_greedy(host))
         wire_events(host, ui, in_webui)
         wire_experiments(host, ui, in_webui)
+        wire_lora(host, ui, in_webui)
     return tab
 
 
@@ -311,6 +313,54 @@ def wire_greedy(host: AppHost, ui: dict, in_webui: bool) -> None:
         lambda recipe, page: experiments.save_recipe_file(host, recipe, "find a greedy soup", page_owner(page)),
         inputs=[ui["greedy_recipe"], ui["page"]], outputs=[result],
     )  # fmt: skip
+
+
+def wire_lora(host: AppHost, ui: dict, in_webui: bool) -> None:
+    """Bake, Try bake, Extract, Merge LoRAs: each into the shared result panel (its progress bar),
+    on the device picked for merges; a LoRA written refreshes the LoRA pickers."""
+    section = lora_section
+    page, result, device = ui["page"], ui["result"], ui["device"]
+    pickers = [ui[f"{prefix}_lora_{row}"] for prefix in ("bake", "combine") for row in range(section.ROWS)]
+    checkpoints = [ui[name] for name in ("bake_checkpoint", "extract_base", "extract_tuned")]
+
+    def inputs(names):
+        return [ui["task_id"], *(ui[name] for name in names), device, page]
+
+    def named(names, values):
+        *values, device_value, state = values
+        return dict(zip(names, values, strict=True)), device_value, page_owner(state)
+
+    def on_bake(task_id="", *values):
+        fields, device_value, owner = named(section.BAKE_FIELDS, values)
+        message = section.bake(host, section.bake_fields(fields, device_value), task_id, owner)
+        return [message] + [gr.update(choices=host.checkpoints()) for _ in checkpoints]
+
+    def on_try(task_id="", *values):
+        fields, device_value, owner = named(section.BAKE_FIELDS, values)
+        message, recipe = section.try_bake(host, section.bake_fields(fields, device_value), task_id, owner)
+        return message, recipe, gr.update(interactive=recipe is not None)
+
+    def writes_lora(names, to_fields, run):
+        def on_click(task_id="", *values):
+            fields, device_value, owner = named(names, values)
+            message = section.write_lora(host, run, to_fields(fields, device_value), task_id, owner)
+            return [message, *section.lora_choices(host)]
+
+        return on_click
+
+    hook = _page_hook("mergeLabTask", in_webui)
+    ui["bake"].click(on_bake, inputs=inputs(section.BAKE_FIELDS), outputs=[result, *checkpoints], **hook)
+    ui["bake_try"].click(on_try, inputs=inputs(section.BAKE_FIELDS),
+                         outputs=[result, ui["tried_recipe"], ui["save_tried"]], **hook)  # fmt: skip
+    ui["extract"].click(
+        writes_lora(section.EXTRACT_FIELDS, section.extract_fields, lora_actions.run_extract),
+        inputs=inputs(section.EXTRACT_FIELDS), outputs=[result, *pickers], **hook,
+    )  # fmt: skip
+    ui["combine"].click(
+        writes_lora(section.COMBINE_FIELDS, section.combine_fields, lora_actions.run_merge),
+        inputs=inputs(section.COMBINE_FIELDS), outputs=[result, *pickers], **hook,
+    )  # fmt: skip
+    ui["lora_refresh"].click(lambda: section.lora_choices(host), outputs=pickers, queue=False)
 
 
 def wire_recipe_events(host: AppHost, ui: dict, fields: list) -> None:
