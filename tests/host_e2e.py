@@ -222,3 +222,54 @@ def write_lora(path: Path, layers: dict[str, tuple[int, int]] = LORA_LAYERS) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(tensors, str(path))
     return path
+
+
+def check_lora_section(page, client: Client, lora_folder: Path, name: str) -> None:
+    """In the tab: Extract rand_a -> rand_b at rank 4 into the host's LoRA folder, and txt2img's Lora
+    cards list it without a restart; Try bake of it into rand_a at 0.8 gives rand_a's image with
+    ``<lora:NAME:0.8>`` in the prompt, within one level of 255 (the largest difference is printed);
+    the X/Y/Z plot's "Merge Lab: alpha" axis varies the tried bake's ratio."""
+    import numpy as np
+
+    card = page.locator(f'#txt2img_lora_cards_html .card[data-name="{name}"]')
+    open_merge_lab(page)
+    page.locator("#merge_lab_lora").get_by_text("LoRA: bake, extract, merge").click()
+    page.locator("#merge_lab_lora .tab-nav button", has_text="Extract from two checkpoints").click()
+    pick(page, "merge_lab_extract_base", "rand_a")
+    pick(page, "merge_lab_extract_tuned", "rand_b")
+    set_number(page, "merge_lab_extract_rank", 4)
+    page.locator("#merge_lab_extract_name textarea").fill(name)
+    assert card.count() == 0
+    page.locator("#merge_lab_extract").click()
+    wait_for_result(page, f"Saved LoRA: {name}.safetensors")
+    assert (lora_folder / f"{name}.safetensors").is_file()
+    card.wait_for(state="attached", timeout=60_000)  # the cards were refreshed: no restart, no click
+
+    image = {"prompt": "a photo of a cat", "steps": 2, "width": 64, "height": 64, "seed": 7}
+    client.call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+    plain = np.asarray(client.image_and_model(image)[0], dtype=np.int16)
+    prompt = f"{image['prompt']} <lora:{name}:0.8>"
+    prompted = np.asarray(client.image_and_model({**image, "prompt": prompt})[0], dtype=np.int16)
+    page.locator("#merge_lab_lora .tab-nav button", has_text="Bake into a checkpoint").click()
+    pick(page, "merge_lab_bake_checkpoint", "rand_a")
+    pick(page, "merge_lab_bake_lora_0", name)
+    set_number(page, "merge_lab_bake_ratio_0", 0.8)
+    page.locator("#merge_lab_bake_try").click()
+    wait_for_result(page, "Trying:")
+    tried, model = client.image_and_model(image)
+    assert model.endswith(f"Model: rand_a + 0.8({name})"), model
+    tried = np.asarray(tried, dtype=np.int16)
+    largest = int(np.abs(tried - prompted).max())
+    print(f"Try bake at 0.8 vs <lora:{name}:0.8>: largest pixel difference {largest}, "
+          f"{int((tried != prompted).sum())} of {tried.size} values differ")  # fmt: skip
+    assert np.abs(prompted - plain).max() > 10  # the LoRA changes the image
+    assert largest <= 1
+
+    xyz = {**image, "script_name": "x/y/z plot"}
+    rest = [True, True, False, False, False, False, False, 0, False]
+    alpha = [client.xyz_index("Merge Lab: alpha"), "0.4, 0.8", []]
+    status, answer = client.call("/sdapi/v1/txt2img", {**xyz, "script_args": [*alpha, 0, "", [], 0, "", [], *rest]})
+    assert status == 200, answer
+    cells = [text for text in json.loads(answer["info"])["infotexts"] if "X Type" not in text]
+    assert sorted(part(text, "Model: ") for text in cells) == [f"rand_a + 0.4({name})", f"rand_a + 0.8({name})"]
+    client.call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})

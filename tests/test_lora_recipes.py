@@ -167,3 +167,21 @@ def test_with_refs_keeps_a_lora_a_lora():
     renamed = node.with_refs({"l": ModelRef("sub/l.safetensors", "ab" * 32)})
     assert renamed.inputs[1] == ModelRef("sub/l.safetensors", "ab" * 32, lora=True)
     assert renamed.to_dict()["models"][1] == {"lora": "sub/l.safetensors", "sha256": "ab" * 32}
+
+
+def test_a_bake_is_named_like_the_builtin_names_merges(folders):
+    """``model + 0.8(lora)`` per LoRA baked in, so bakes at two ratios never take one name (nor one
+    name in a Try's infotext); a bake over a merge keeps the generic name."""
+    from lib_merge.plan import make_plan
+
+    models, loras = folders
+    host = FolderHost(models, lora_dir=loras, device="cpu")
+    chain = {"method": "add_delta", "models": ["a.safetensors", {"lora": "style.safetensors"}], "params": {"alpha": 0.8}}
+    twice = {"method": "add_delta", "models": [chain, {"lora": "style.safetensors"}], "params": {"alpha": -0.25}}
+    for tree, name in ((chain, "a + 0.8(style)"), (twice, "a + 0.8(style) + -0.25(style)")):
+        plan = make_plan(request_from_recipe({"merge": tree}), host, hash_inputs=False)
+        plan.close()
+        assert plan.output.name == f"{name}.safetensors"
+    plan = make_plan(request_from_recipe(SOUP_AND_LORA), host, hash_inputs=False)
+    plan.close()
+    assert plan.output.name == "add_delta(a, b, style).safetensors"

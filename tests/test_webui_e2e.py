@@ -27,6 +27,7 @@ from host_e2e import (
     CHROMIUM,
     SHOTS,
     Client,
+    check_lora_section,
     choose_a_and_b,
     open_merge_lab,
     pick,
@@ -374,6 +375,15 @@ def test_a_lora_extracted_from_a_known_low_rank_difference_reproduces_the_tuned_
         known.unlink(missing_ok=True)
         extracted.unlink(missing_ok=True)
         call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+
+
+def test_the_lora_section_extracts_into_the_lora_cards_and_a_tried_bake_gives_the_prompt_s_images(page, webui):
+    name = "merge_lab_e2e_tab_lora"
+    lora = WEBUI / "models" / "Lora" / f"{name}.safetensors"
+    try:
+        check_lora_section(page, client, lora.parent, name)
+    finally:
+        lora.unlink(missing_ok=True)
 
 
 def test_a_merge_saved_in_fp8_and_a_try_of_it_give_the_same_images(webui):

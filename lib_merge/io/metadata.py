@@ -38,6 +38,8 @@ def output_stem(request: MergeRequest, tree: MergeNode, checkpoints: dict[str, C
         stem = request.custom_name
     elif is_builtin(tree):
         stem = _builtin_stem(tree.method, tree.params.get("alpha", 0.0), names)
+    elif (baked := _bake_stem(tree, checkpoints)) is not None:
+        stem = _short(baked)
     else:
         stem = _short(f"{tree.method}({', '.join(names)})")
     return stem + (f".{variant}" if variant else "")
@@ -59,6 +61,18 @@ def _builtin_stem(method: str, m: float, names: list[str]) -> str:
     if method == "add_difference":
         return f"{names[0]} + {round(m, 2)}({names[1]} - {names[2]})"
     return names[0]
+
+
+def _bake_stem(node: MergeNode, checkpoints: dict[str, Checkpoint]) -> str | None:
+    """``model + 0.8(style) + 0.5(detail)`` for LoRAs baked into one model (each ratio as given,
+    per-block or not); None for any other tree."""
+    base, lora = node.inputs if len(node.inputs) == 2 else (None, None)
+    if get_method(node.method).name != "add_delta" or not isinstance(lora, ModelRef) or not lora.lora:
+        return None
+    below = checkpoints[base.name].model_name if isinstance(base, ModelRef) else _bake_stem(base, checkpoints)
+    if below is None:
+        return None
+    return f"{below} + {round(node.params.get('alpha', 1.0), 2)}({checkpoints[lora.name].model_name})"
 
 
 def _short(stem: str) -> str:
