@@ -176,7 +176,11 @@ def test_a_bake_is_named_like_the_builtin_names_merges(folders):
 
     models, loras = folders
     host = FolderHost(models, lora_dir=loras, device="cpu")
-    chain = {"method": "add_delta", "models": ["a.safetensors", {"lora": "style.safetensors"}], "params": {"alpha": 0.8}}
+    chain = {
+        "method": "add_delta",
+        "models": ["a.safetensors", {"lora": "style.safetensors"}],
+        "params": {"alpha": 0.8},
+    }
     twice = {"method": "add_delta", "models": [chain, {"lora": "style.safetensors"}], "params": {"alpha": -0.25}}
     for tree, name in ((chain, "a + 0.8(style)"), (twice, "a + 0.8(style) + -0.25(style)")):
         plan = make_plan(request_from_recipe({"merge": tree}), host, hash_inputs=False)
