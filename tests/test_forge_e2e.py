@@ -31,6 +31,7 @@ import pytest
 from host_e2e import (
     CHROMIUM,
     Client,
+    check_lora_section,
     pick,
     set_number,
     shot,
@@ -265,6 +266,15 @@ def test_a_lora_in_the_prompt_patches_a_tried_merge_as_it_patches_the_saved_file
     assert status == 200 and saved["loaded"], saved
     from_file = forge_api.pixels_and_model(with_lora)
     assert from_file[0] == tried[0] != first[0]
+
+
+def test_the_lora_section_extracts_into_the_lora_cards_and_a_tried_bake_gives_the_prompt_s_images(page, forge):
+    name = "merge_lab_forge_e2e_tab_lora"
+    lora = FORGE / "models" / "Lora" / f"{name}.safetensors"
+    try:
+        check_lora_section(page, forge_api, lora.parent, name)
+    finally:
+        lora.unlink(missing_ok=True)
 
 
 def test_cancel_through_the_api_stops_only_its_own_merge_and_leaves_no_file(forge):

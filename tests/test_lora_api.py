@@ -165,3 +165,27 @@ def test_bad_input_is_a_4xx_naming_the_field_and_nothing_is_written(client, fold
     assert response.status_code == status, response.text
     assert named in response.json()["detail"]
     assert (_files(models), _files(loras)) == before
+
+
+def test_try_and_sweep_take_a_bake_as_a_recipe_and_vary_its_lora_ratio(folders, tmp_path):
+    """The try and sweep routes over tests/image_host.py's ImageHost (a loaded model without a
+    webui), with a LoRA folder: a sweep's alpha is the baked LoRA's ratio, each cell a bake."""
+    from image_host import ImageHost
+
+    models, loras = folders
+    host = ImageHost(models, tmp_path / "grids", hash_cache=tmp_path / "hashes.json")
+    host.lora_folder = loras
+    app = fastapi.FastAPI()
+    add_routes(app, host)
+    bake = {"method": "add_delta", "models": ["a.safetensors", {"lora": "style.safetensors"}], "params": {"alpha": 1}}
+    tried = TestClient(app).post("/merge-lab/v1/try", json={"recipe": {"merge": bake}})
+    assert tried.status_code == 200, tried.text
+    assert tried.json()["name"] == "a + 1.0(style)"
+    body = {"recipe": {"merge": bake}, "x_param": "alpha", "x_values": "0, 0.5", "prompt": "a cat", "seed": 5,
+            "width": 8, "height": 8}  # fmt: skip
+    answer = TestClient(app).post("/merge-lab/v1/sweep", json=body)
+    assert answer.status_code == 200, answer.text
+    cells = answer.json()["cells"]
+    assert [cell["name"] for cell in cells] == ["a + 0.0(style)", "a + 0.5(style)"]
+    assert [cell["recipe"]["merge"]["models"][1]["lora"] for cell in cells] == ["style.safetensors"] * 2
+    assert [cell["recipe"]["merge"]["params"]["alpha"] for cell in cells] == [0.0, 0.5]
