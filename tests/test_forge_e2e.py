@@ -6,10 +6,11 @@ one (its venv beside it, random-weight rand_a / rand_b / rand_inpaint checkpoint
     MERGE_LAB_FORGE=/path/to/forge/webui .venv/bin/python -m pytest -q tests/test_forge_e2e.py
 
 It clones this repository's committed HEAD into FORGE/extensions/merge-lab (what "Install from URL"
-does), makes two random-weight SDXL checkpoints beside the kit's (merge_lab_xl_a / _b, 6.9 GB each,
-kept for the next run) with tests/make_sdxl_checkpoint.py, starts Forge with the kit's start.sh (MERGE_LAB_FORGE_KIT, default ../shared/forge-offline;
+does), starts Forge with the kit's start.sh (MERGE_LAB_FORGE_KIT, default ../shared/forge-offline;
 port MERGE_LAB_FORGE_PORT, default 7871) and ``--api-auth``, drives the page (gradio 4) in headless
-chromium, and stops it again. The merged files it makes are deleted at the end.
+chromium, and stops it again. For the SDXL test it makes two random-weight SDXL checkpoints beside the
+kit's (merge_lab_xl_a / _b, 6.9 GB each) with tests/make_sdxl_checkpoint.py. The files it makes are
+deleted at the end.
 MERGE_LAB_SCREENSHOTS=DIR keeps screenshots.
 """
 
@@ -94,10 +95,6 @@ def forge():
     extension = FORGE / "extensions" / "merge-lab"
     shutil.rmtree(extension, ignore_errors=True)
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(extension)], check=True)
-    for name, seed in SDXL_INPUTS.items():
-        if not (models / name).is_file():
-            subprocess.run([sys.executable, str(ROOT / "tests" / "make_sdxl_checkpoint.py"), str(models / name),
-                            "--seed", str(seed)], check=True)  # fmt: skip
     before = set(models.iterdir())
     lora = write_lora(FORGE / "models" / "Lora" / f"{LORA}.safetensors")
     gguf_modules = write_gguf_unet_and_its_modules(models)  # Forge lists modules when it starts
@@ -371,6 +368,9 @@ def forge_sdxl(forge):
     """Forge restarted with its UNet stored in fp16 (computed in fp32 on the CPU), as on most GPUs: an
     SDXL UNet in fp32 beside the file Forge reads whole to load it does not fit in 24 GB of RAM."""
     subprocess.run(["bash", str(KIT / "stop.sh"), str(FORGE)], check=True)
+    for name, seed in SDXL_INPUTS.items():  # made only for this test; removed with the other new files
+        subprocess.run([sys.executable, str(ROOT / "tests" / "make_sdxl_checkpoint.py"), str(forge / name),
+                        "--seed", str(seed)], check=True)  # fmt: skip
     start_forge(FORGE_CPU_FLAGS="--always-cpu --clip-in-fp32 --unet-in-fp16")
     call("/sdapi/v1/options", {"live_previews_enable": False})  # SDXL's preview model would be downloaded
     return forge
