@@ -306,6 +306,12 @@ class _Compute:
         """The step on whole tensors: fresh copies of the inputs in the work dtype (or the stored
         tensors, for methods that read them as stored), nested steps first."""
         dtype = self._work_dtype(step, device)
+        adds = self._delta_adder(step)
+        if adds is not None:  # a + alpha * delta, the delta's reader adding into a's fresh copy
+            value = self._value(step.args[0], step, key, device, dtype)
+            if step.params["alpha"] != 0:
+                adds.add_into(key, value, step.params["alpha"])
+            return value
         args = [None if arg is None else self._value(arg, step, key, device, dtype) for arg in step.args]
         if step.variant:
             # Inpainting / pix2pix: the primary's extra input channels are kept, the first 4 merged.
@@ -315,6 +321,14 @@ class _Compute:
             whole[:, :channels] = self._call(step, args, key)
             return whole
         return self._call(step, args, key)
+
+    def _delta_adder(self, step: Step):
+        """The reader of ``step``'s delta input where it adds its change in place (see
+        ``Method.adds_delta``); None to evaluate the step as any other."""
+        if not step.method.adds_delta or step.variant or not isinstance(step.args[1], str):
+            return None
+        reader = self.plan.reader(step.args[1])
+        return reader if hasattr(reader, "add_into") else None
 
     def _value(self, arg: str | Step, step: Step, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(arg, Step):

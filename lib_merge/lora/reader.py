@@ -202,6 +202,22 @@ class LoraReader(CheckpointReader):
             total[start:stop] += self._change(key, patch)
         return total
 
+    def add_into(self, key: str, target: torch.Tensor, alpha: float) -> None:
+        """Add ``alpha`` x this LoRA's change at ``key`` into ``target`` (float64, the key's shape as
+        presented) in place: a plain LoRA module by one matrix product into its rows, so no
+        change-sized tensor is made; any other module by its change, as ``__getitem__`` gives it."""
+        for patch in self._patches.get(key, []):
+            start, stop = patch.rows or (0, target.shape[0])
+            rows = target[start:stop]
+            module = patch.module
+            plain = module.kind == "lora" and "mid" not in module.parts and not module.has_dora
+            if plain and not patch.bias and not patch.swap_halves:
+                up = self._lora[module.parts["up"]].to(target.device, torch.float64).flatten(1)
+                down = self._lora[module.parts["down"]].to(target.device, torch.float64).flatten(1)
+                rows.view(up.shape[0], down.shape[1]).addmm_(up, down, alpha=alpha * self._scales[module.name])
+            else:
+                rows.add_(self._change(key, patch).to(target.device), alpha=alpha)
+
     def _change(self, key: str, patch: _Patch) -> torch.Tensor:
         module = patch.module
 

@@ -116,6 +116,10 @@ class Method:
     # Offered in the tab, the API's and the CLI's method lists; False for steps of other features
     # (add_delta, a LoRA baked in), which recipes may still name.
     listed: bool = True
+    # The method is ``a + alpha * delta``: a delta input whose reader can add its change into a
+    # tensor in place (a LoRA: one matrix product per module) is asked to, instead of the method
+    # getting the change as a tensor of its own (for a LoRA on every layer, a pass over the model).
+    adds_delta: bool = False
 
     @property
     def cli_name(self) -> str:
@@ -187,6 +191,7 @@ def method(
     stored_inputs: bool = False,
     choose: Callable | None = None,
     listed: bool = True,
+    adds_delta: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Register ``func`` under ``name``; registering a name twice is a programming error.
 
@@ -213,6 +218,7 @@ def method(
             choose,
             doc,
             listed,
+            adds_delta,
         )
         return func
 

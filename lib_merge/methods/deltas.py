@@ -13,6 +13,7 @@ from . import Param, method
     params={"alpha": Param("alpha", 1.0, help="how much of the change is added; negative subtracts it")},
     label="Add delta",
     listed=False,  # a LoRA bake's step: its delta input is a LoRA read as changes, not a checkpoint
+    adds_delta=True,  # a LoRA adds its change into A's copy itself (LoraReader.add_into)
 )
 def add_delta(a: torch.Tensor, delta: torch.Tensor, *, alpha: float) -> torch.Tensor:
     """A + alpha * D, where D is a change to A (a LoRA's up @ down * scale, read as a delta); keys D
