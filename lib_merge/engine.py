@@ -306,11 +306,10 @@ class _Compute:
         """The step on whole tensors: fresh copies of the inputs in the work dtype (or the stored
         tensors, for methods that read them as stored), nested steps first."""
         dtype = self._work_dtype(step, device)
-        adds = self._delta_adder(step)
-        if adds is not None:  # a + alpha * delta, the delta's reader adding into a's fresh copy
-            value = self._value(step.args[0], step, key, device, dtype)
-            if step.params["alpha"] != 0:
-                adds.add_into(key, value, step.params["alpha"])
+        changes, base = self._added_changes(step)
+        if changes:  # a + alpha * delta (+ ...), the deltas' readers adding into a's fresh copy
+            value = self._value(base.args[0], base, key, device, dtype)
+            changes[0][0].add_changes(key, value, changes)
             return value
         args = [None if arg is None else self._value(arg, step, key, device, dtype) for arg in step.args]
         if step.variant:
@@ -322,13 +321,23 @@ class _Compute:
             return whole
         return self._call(step, args, key)
 
-    def _delta_adder(self, step: Step):
-        """The reader of ``step``'s delta input where it adds its change in place (see
-        ``Method.adds_delta``); None to evaluate the step as any other."""
-        if not step.method.adds_delta or step.variant or not isinstance(step.args[1], str):
-            return None
-        reader = self.plan.reader(step.args[1])
-        return reader if hasattr(reader, "add_into") else None
+    def _added_changes(self, step: Step) -> tuple[list, Step]:
+        """For ``adds_delta`` steps (LoRAs baked one after another) whose deltas' readers add their
+        changes in place (see ``Method.adds_delta``): the (reader, alpha) pairs, innermost first, and
+        the innermost such step, whose ``a`` they all go into; ([], step) for any other step."""
+        changes, current, base = [], step, step
+        while (
+            current.method.adds_delta
+            and not current.variant
+            and isinstance(current.args[1], str)
+            and hasattr(self.plan.reader(current.args[1]), "add_changes")
+        ):
+            changes.insert(0, (self.plan.reader(current.args[1]), current.params["alpha"]))
+            base = current
+            if not isinstance(current.args[0], Step):
+                break
+            current = current.args[0]
+        return changes, base
 
     def _value(self, arg: str | Step, step: Step, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         if isinstance(arg, Step):

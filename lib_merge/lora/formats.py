@@ -261,6 +261,10 @@ def meta_part(reader: CheckpointReader, module: Module) -> Get:
 
 def change_shape(reader: CheckpointReader, module: Module) -> tuple[int, ...]:
     """The shape of the module's weight change, from the headers; InputError when its parts do not fit."""
+    if module.kind == "lora" and "mid" not in module.parts:  # the usual module, without meta tensors' cost
+        up, down = (tuple(reader.spec(module.parts[part]).shape) for part in ("up", "down"))
+        if len(up) >= 2 and len(down) >= 2 and up[1] == down[0] and all(size == 1 for size in up[2:]):
+            return (up[0], down[1], *down[2:])
     try:
         return tuple(weight_change(module, meta_part(reader, module)).shape)
     except (RuntimeError, IndexError, ValueError):

@@ -202,21 +202,29 @@ class LoraReader(CheckpointReader):
             total[start:stop] += self._change(key, patch)
         return total
 
-    def add_into(self, key: str, target: torch.Tensor, alpha: float) -> None:
-        """Add ``alpha`` x this LoRA's change at ``key`` into ``target`` (float64, the key's shape as
-        presented) in place: a plain LoRA module by one matrix product into its rows, so no
-        change-sized tensor is made; any other module by its change, as ``__getitem__`` gives it."""
-        for patch in self._patches.get(key, []):
-            start, stop = patch.rows or (0, target.shape[0])
-            rows = target[start:stop]
-            module = patch.module
-            plain = module.kind == "lora" and "mid" not in module.parts and not module.has_dora
-            if plain and not patch.bias and not patch.swap_halves:
-                up = self._lora[module.parts["up"]].to(target.device, torch.float64).flatten(1)
-                down = self._lora[module.parts["down"]].to(target.device, torch.float64).flatten(1)
-                rows.view(up.shape[0], down.shape[1]).addmm_(up, down, alpha=alpha * self._scales[module.name])
-            else:
-                rows.add_(self._change(key, patch).to(target.device), alpha=alpha)
+    @staticmethod
+    def add_changes(key: str, target: torch.Tensor, changes: list[tuple[LoraReader, float]]) -> None:
+        """Add each LoRA's ``alpha`` x change at ``key`` into ``target`` (float64, the key's shape as
+        presented) in place. Plain LoRA modules on the same rows go in together by one matrix
+        product (their factors side by side, each ``up`` scaled), so no change-sized tensor is made
+        and the rows are passed over once; other modules by their change, as ``__getitem__`` gives it."""
+        factors: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for reader, alpha in changes:
+            if alpha == 0:
+                continue
+            for patch in reader._patches.get(key, []):
+                rows = patch.rows or (0, target.shape[0])
+                module = patch.module
+                plain = module.kind == "lora" and "mid" not in module.parts and not module.has_dora
+                if plain and not patch.bias and not patch.swap_halves:
+                    up = reader._lora[module.parts["up"]].to(target.device, torch.float64).flatten(1)
+                    down = reader._lora[module.parts["down"]].to(target.device, torch.float64).flatten(1)
+                    factors.setdefault(rows, []).append((up * (alpha * reader._scales[module.name]), down))
+                else:
+                    target[rows[0] : rows[1]].add_(reader._change(key, patch).to(target.device), alpha=alpha)
+        for (start, stop), pairs in factors.items():
+            up, down = torch.cat([u for u, _ in pairs], dim=1), torch.cat([d for _, d in pairs])
+            target[start:stop].view(up.shape[0], down.shape[1]).addmm_(up, down)
 
     def _change(self, key: str, patch: _Patch) -> torch.Tensor:
         module = patch.module

@@ -20,7 +20,9 @@ def add_delta(a: torch.Tensor, delta: torch.Tensor, *, alpha: float) -> torch.Te
     lacks are A's as they are.
 
     Where D is 0, or alpha is, A's value is kept as it is: so a -0.0 of A stays -0.0 and a ratio of
-    0 writes A's own bytes.
+    0 writes A's own bytes. (A LoRA module adds its change into the rows it patches itself, as the
+    webui does: there a -0.0 meeting a change of exactly 0 becomes 0.0; rows it does not patch, and
+    keys, keep their bytes.)
     """
     if alpha == 0:
         return a
