@@ -26,6 +26,9 @@ Scenarios (``--scenarios``): ``builtin``, the cases above against the floor and 
 0.2, lambda 1). The last two are recipe trees merged by the engine, each against its own floor (4
 inputs read, 1 output written). Targets are printed beside the figures (not enforced: the exit
 status does not depend on them).
+
+``--lora``: LoRA extraction and baking against the floor and kohya's sd-scripts (``bench_lora.py``),
+timed, watched and evicted from the page cache by the same machinery.
 """
 
 from __future__ import annotations
@@ -146,17 +149,17 @@ def plan_disk(cases: list[Case], input_bytes: int, made: int, free: int, reserve
 
 
 def add_arguments(parser) -> None:
-    from . import synthetic
+    from . import bench_lora, synthetic
     from .methods import listed_methods
     from .precision import CHOICES
 
     names = [m.cli_name for m in listed_methods() if len(m.inputs) > 1]
     parser.add_argument(
         "--arch",
-        choices=synthetic.ARCHES,
-        default="sd15",
-        help="sd15, sdxl: full checkpoints in fp16; flux: the Flux dev transformer (11.9 GB in fp8); "
-        "sd35: the SD3.5 large transformer (8.1 GB in fp8)",
+        type=lambda text: _choice_list(text, synthetic.ARCHES),
+        default=None,
+        help="sd15 (default), sdxl: full checkpoints in fp16; flux: the Flux dev transformer (11.9 GB in fp8); "
+        "sd35: the SD3.5 large transformer (8.1 GB in fp8); one at a time, except a comma list with --lora",
     )
     parser.add_argument(
         "--method",
@@ -236,6 +239,7 @@ def add_arguments(parser) -> None:
         help=f"comma list of {', '.join(SCENARIOS)} (builtin: --method vs the floor and the baseline; "
         "soup: 4 models; ties: base + 3 models); default: all for sd15, builtin for the others",
     )
+    bench_lora.add_arguments(parser)
     parser.set_defaults(run=run)
 
 
@@ -270,6 +274,15 @@ def _defaults(args) -> None:
 
 
 def run(args) -> int:
+    if args.lora:
+        from .bench_lora import run as run_lora
+
+        return run_lora(args)
+    if args.arch and len(args.arch) > 1:
+        from .errors import RequestError
+
+        raise RequestError("--arch: one at a time (a comma list only with --lora)")
+    args.arch = args.arch[0] if args.arch else "sd15"
     _defaults(args)
     args.work.mkdir(parents=True, exist_ok=True)
     scenarios = args.scenarios or (SCENARIOS if args.arch == "sd15" else ("builtin",))
@@ -569,7 +582,8 @@ def _print_phases(rows) -> None:
                 for phase, seconds in result.get("timings", {}).items():
                     phases.setdefault(phase, []).append(seconds)
             text = ", ".join(f"{phase} {statistics.median(values):.2f}" for phase, values in phases.items())
-            print(f"  {case.name} engine phases (median s): {text}")
+            if text:  # an extraction reports no phases
+                print(f"  {case.name} engine phases (median s): {text}")
 
 
 def _print_tree_table(args, rows) -> None:
@@ -621,8 +635,9 @@ def evict(paths) -> None:
 
 
 def _spawn(name: str, job: dict, limit: int) -> dict:
+    """Run one contender (``child`` in a fresh interpreter, or the job's own command for it)."""
     code = f"from lib_merge.bench import child; child({name!r}, {json.dumps(job)!r})"
-    done = run_guarded([sys.executable, "-c", code], limit)
+    done = run_guarded(job.get("commands", {}).get(name) or [sys.executable, "-c", code], limit)
     if done["oom"] or done["returncode"]:
         # Stopped for memory, or an error: a line in the table (the error in full on stderr), not
         # the end of a benchmark that may have run for an hour.
@@ -635,7 +650,8 @@ def _spawn(name: str, job: dict, limit: int) -> dict:
         lines = done["stderr"].strip().splitlines()
         done["failed"] = "out of memory" if done["oom"] else (lines[-1] if lines else f"exit {done['returncode']}")
         return done
-    return {**json.loads(done["stdout"].strip().splitlines()[-1]), "load": done["load"]}
+    # A command that reports no memory of its own has the peak run_guarded saw.
+    return {"peak_anon": done["peak_anon"], **json.loads(done["stdout"].strip().splitlines()[-1]), "load": done["load"]}
 
 
 def run_guarded(command: list[str], limit: int) -> dict:
@@ -710,11 +726,17 @@ def child(name: str, job_json: str) -> None:
     sampler = _AnonSampler()
     print(f"base {sampler.base}", flush=True)  # for the parent's memory guard
     start, cpu = time.perf_counter(), time.process_time()
-    extra = {"floor": _floor, "engine": _engine, "baseline": _baseline}[name](job, output)
+    runs = {"floor": _floor, "engine": _engine, "baseline": _baseline}
+    if job.get("lora"):  # extract or bake: the LoRA bench's engine
+        from .bench_lora import engine
+
+        runs["engine"] = engine
+    extra = runs[name](job, output)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = sampler.stop()
     output.unlink(missing_ok=True)
-    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_anon": peak, **(extra or {})}))
+    peak_rss = _rss_anon(field="VmHWM")
+    print(json.dumps({"seconds": seconds, "cpu": cpu, "peak_anon": peak, "peak_rss": peak_rss, **(extra or {})}))
 
 
 def _floor(job: dict, output: Path) -> None:
@@ -896,11 +918,12 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def _rss_anon(pid: int | str = "self") -> int:
+def _rss_anon(pid: int | str = "self", field: str = "RssAnon") -> int:
+    """RssAnon (or another ``field`` in kB, VmHWM: the peak RSS) of a process, in bytes."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("RssAnon:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
