@@ -204,10 +204,11 @@ class LoraReader(CheckpointReader):
 
     @staticmethod
     def add_changes(key: str, target: torch.Tensor, changes: list[tuple[LoraReader, float]]) -> None:
-        """Add each LoRA's ``alpha`` x change at ``key`` into ``target`` (float64, the key's shape as
-        presented) in place. Plain LoRA modules on the same rows go in together by one matrix
-        product (their factors side by side, each ``up`` scaled), so no change-sized tensor is made
-        and the rows are passed over once; other modules by their change, as ``__getitem__`` gives it."""
+        """Add each LoRA's ``alpha`` x change at ``key`` into ``target`` (the key's shape as presented,
+        in the work dtype: float64, float32 on MPS) in place. Plain LoRA modules on the same rows go
+        in together by one matrix product (their factors side by side, each ``up`` scaled), so no
+        change-sized tensor is made and the rows are passed over once; other modules by their
+        change, as ``__getitem__`` gives it."""
         factors: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for reader, alpha in changes:
             if alpha == 0:
@@ -217,8 +218,8 @@ class LoraReader(CheckpointReader):
                 module = patch.module
                 plain = module.kind == "lora" and "mid" not in module.parts and not module.has_dora
                 if plain and not patch.bias and not patch.swap_halves:
-                    up = reader._lora[module.parts["up"]].to(target.device, torch.float64).flatten(1)
-                    down = reader._lora[module.parts["down"]].to(target.device, torch.float64).flatten(1)
+                    up = reader._lora[module.parts["up"]].to(target.device, target.dtype).flatten(1)
+                    down = reader._lora[module.parts["down"]].to(target.device, target.dtype).flatten(1)
                     factors.setdefault(rows, []).append((up * (alpha * reader._scales[module.name]), down))
                 else:
                     target[rows[0] : rows[1]].add_(reader._change(key, patch).to(target.device), alpha=alpha)
