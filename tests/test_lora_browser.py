@@ -80,6 +80,7 @@ def test_bake_two_picks_writes_the_checkpoint_at_the_ratio(page, served):
     page.locator("#merge_lab_bake").click()
     shown = _done(page)
     assert shown.startswith("Saved: baked.safetensors"), shown
+    assert "baked.safetensors" in choices(page, "merge_lab_primary")  # every checkpoint picker lists it
     base, out, lora = (
         load(models / "base.safetensors"),
         load(models / "baked.safetensors"),

@@ -321,7 +321,10 @@ def wire_lora(host: AppHost, ui: dict, in_webui: bool) -> None:
     section = lora_section
     page, result, device = ui["page"], ui["result"], ui["device"]
     pickers = [ui[f"{prefix}_lora_{row}"] for prefix in ("bake", "combine") for row in range(section.ROWS)]
-    checkpoints = [ui[name] for name in ("bake_checkpoint", "extract_base", "extract_tuned")]
+    # Every checkpoint picker of the tab: a baked checkpoint joins them all.
+    names = ("bake_checkpoint", "extract_base", "extract_tuned", "primary_model_name", "secondary_model_name",
+             "tertiary_model_name", "more_models")  # fmt: skip
+    checkpoints = [ui[name] for name in names]
 
     def inputs(names):
         return [ui["task_id"], *(ui[name] for name in names), device, page]
