@@ -14,7 +14,7 @@ from conftest import SD15, assert_within_one_ulp, load, make
 from make_lora import SD15_KOHYA, kohya_lora, low_rank_change, tuned_checkpoint
 from test_app_browser import CHROMIUM, ROOT, _wait_for_announcement, choices, free_port, pick, playwright
 
-pytestmark = [pytest.mark.slow, pytest.mark.gradio_both]
+pytestmark = pytest.mark.slow
 LINEAR = next(key for key in SD15_KOHYA.values() if len(SD15[key].shape) == 2)
 
 
@@ -67,6 +67,7 @@ def _done(page) -> str:
     return done.first.inner_text()
 
 
+@pytest.mark.gradio_both  # the section's widgets and events under gradio 4 too (CI's second step)
 def test_bake_two_picks_writes_the_checkpoint_at_the_ratio(page, served):
     models, loras, _ = served
     pick(page, "merge_lab_bake_checkpoint", "base.safetensors")
