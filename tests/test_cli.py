@@ -115,8 +115,11 @@ def test_demo_makes_and_merges_two_checkpoints(tmp_path):
 
 
 def test_bench_runs_and_prints_ratios(tmp_path):
-    done = cli("bench", "--max-dim", "64", "--repeats", "1", "--work", tmp_path / "bench", "--no-fsync")
+    # The builtin cases and one recipe tree (TIES's tree is timed the same way, at twice the cost).
+    done = cli("bench", "--max-dim", "64", "--repeats", "1", "--scenarios", "builtin,soup", "--work", tmp_path / "bench",
+               "--no-fsync")  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert re.search(r"^soup +[0-9.]+ +[0-9.]+ +[0-9.]+ ", done.stdout, re.M), done.stdout
     rows = {
         line.split()[0]: line.split()
         for line in done.stdout.splitlines()
