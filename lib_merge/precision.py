@@ -25,6 +25,8 @@ rounding (and the built-in's to_half) does.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from .errors import RequestError, shown
@@ -104,11 +106,44 @@ def torch_conversion(out: torch.Tensor, value: torch.Tensor) -> None:
 def round_into(out: torch.Tensor, value: torch.Tensor) -> None:
     """Copy ``value`` into ``out`` rounded once to ``out``'s dtype (nearest, ties to even); fp8
     saturates. ``value`` is never written to (it may be an input's own pages)."""
+    if value.dtype != torch.float64 or out.dtype not in SIGNIFICAND_BITS:
+        out.copy_(saturated(value, out.dtype) if out.dtype in FP8 else value)
+    elif (
+        value.device.type == "cpu" and value.is_contiguous() and out.is_contiguous() and value.numel() > ROUNDING_CHUNK
+    ):
+        _round_in_chunks(out.view(-1), value.view(-1))
+    else:
+        _round_piece(out, value)
+
+
+# Elements rounded at a time on the CPU: the bit operations' scratch stays in the core's cache, and
+# no tensor the size of ``value`` is made (measured on 2 cores: 5x faster on a 6.5M-value key).
+ROUNDING_CHUNK = 1 << 17
+
+
+def _round_in_chunks(out: torch.Tensor, value: torch.Tensor) -> None:
+    scratch = _scratch()
+    for start in range(0, value.numel(), ROUNDING_CHUNK):
+        stop = min(start + ROUNDING_CHUNK, value.numel())
+        _round_piece(out[start:stop], value[start:stop], scratch)
+
+
+def _round_piece(out: torch.Tensor, value: torch.Tensor, scratch: tuple | None = None) -> None:
+    """One piece: saturated for fp8, rounded to odd at two bits more than ``out`` keeps, then
+    torch's conversion (through float32, exact from there)."""
     if out.dtype in FP8:
         value = saturated(value, out.dtype)
-    if value.dtype == torch.float64 and out.dtype in SIGNIFICAND_BITS:
-        value = rounded_to_odd(value, SIGNIFICAND_BITS[out.dtype] + 2)
-    out.copy_(value)
+    out.copy_(rounded_to_odd(value, SIGNIFICAND_BITS[out.dtype] + 2, scratch))
+
+
+_thread_scratch = threading.local()
+
+
+def _scratch() -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's two int64 buffers for ``rounded_to_odd`` (merges may run on several threads)."""
+    if not hasattr(_thread_scratch, "buffers"):
+        _thread_scratch.buffers = tuple(torch.empty(ROUNDING_CHUNK, dtype=torch.int64) for _ in range(2))
+    return _thread_scratch.buffers
 
 
 def saturated(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -117,18 +152,23 @@ def saturated(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return value.clamp(-limit, limit)
 
 
-def rounded_to_odd(value: torch.Tensor, bits: int) -> torch.Tensor:
+def rounded_to_odd(value: torch.Tensor, bits: int, scratch: tuple | None = None) -> torch.Tensor:
     """float64 ``value`` cut to ``bits`` significant bits, the last one set where any bit was cut
     (round to odd): rounding this to nearest at ``bits - 2`` bits or fewer gives what rounding
     ``value`` itself would, and it is exact in float32 wherever the targets here are not zero.
 
     Integer operations on the bits: the sign and exponent are untouched; an inf has no fraction
-    bits to cut; a NaN keeps a fraction bit set, so it stays NaN.
+    bits to cut; a NaN keeps a fraction bit set, so it stays NaN. ``scratch``: two int64 buffers of
+    at least ``value``'s size to work in (the result is a view of the second), else new tensors.
     """
     cut = FLOAT64_FRACTION_BITS - (bits - 1)
     low = (1 << cut) - 1
     raw = value.view(torch.int64)
-    sticky = torch.bitwise_and(raw, low)
+    if scratch is None:
+        sticky, kept = torch.empty_like(raw), torch.empty_like(raw)
+    else:
+        sticky, kept = (buffer[: raw.numel()].view(raw.shape) for buffer in scratch)
+    torch.bitwise_and(raw, low, out=sticky)
     sticky.add_(low).bitwise_and_(low + 1)  # 1 << cut where any cut bit was set, else 0
-    kept = torch.bitwise_and(raw, ~low)
+    torch.bitwise_and(raw, ~low, out=kept)
     return kept.bitwise_or_(sticky).view(torch.float64)
