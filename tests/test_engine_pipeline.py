@@ -57,3 +57,46 @@ def test_a_kernel_that_cannot_make_pages_ahead_gives_the_same_file(host, models,
     assert len(calls) == 1  # it gave up after the first refusal
     a, b = load(ahead.path), load(faulted.path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def keys_asked_for_before_the_first_is_done(request, host, monkeypatch) -> tuple[list[str], dict[str, int]]:
+    """The keys whose pages the merge asked A's file for before it finished its first key, and all
+    the keys it wrote with their sizes there, in order."""
+    from lib_merge.io.readers import SafetensorsReader
+
+    asked, done = [], []
+    original = SafetensorsReader.prefetch
+
+    def prefetch(self, key):
+        if self.path.name == "a.safetensors" and not done:
+            asked.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(SafetensorsReader, "prefetch", prefetch)
+    output = load(merge(request, host, progress=lambda event: done.append(event.key)).path)
+    return asked, {key: output[key].nbytes for key in done}
+
+
+@pytest.mark.parametrize("budget", ["none", "some", "all"])
+def test_the_inputs_are_asked_for_a_byte_budget_ahead(host, models, monkeypatch, budget):
+    """While the first key is merged, the keys after it are asked for in order until their output
+    bytes reach PREFETCH_BYTES: the next key only with no budget, all of them with a big one."""
+    from lib_merge import engine
+
+    fractions = {"none": 0, "some": 1 / 3, "all": 1}
+    monkeypatch.setattr(engine, "PREFETCH_BYTES", 0)
+    asked, sizes = keys_asked_for_before_the_first_is_done(
+        MergeRequest("a.safetensors", "b.safetensors"), host, monkeypatch
+    )
+    keys = list(sizes)
+    assert asked == keys[1:2]
+    limit = int(sum(sizes[key] for key in keys[1:]) * fractions[budget])
+    monkeypatch.setattr(engine, "PREFETCH_BYTES", limit)
+    asked, _ = keys_asked_for_before_the_first_is_done(
+        MergeRequest("a.safetensors", "b.safetensors", custom_name=budget), host, monkeypatch
+    )
+    assert asked == keys[1 : len(asked) + 1]  # in the order they are merged, from the next one on
+    assert sum(sizes[key] for key in asked) >= limit  # the budget is filled ...
+    assert sum(sizes[key] for key in asked[:-1]) < max(limit, 1)  # ... and not passed by more than a key
+    if budget == "all":
+        assert asked == keys[1:]

@@ -10,7 +10,18 @@ import sys
 import pytest
 import torch
 from conftest import SD15, UNET_IN, assert_within_one_ulp, load, make, variant_specs
-from make_lora import SD15_KOHYA, SDXL_KOHYA, SDXL_QKV, UNET, baked, kohya_lora, lora_module, save, sdxl_specs
+from make_lora import (
+    SD15_KOHYA,
+    SDXL_KOHYA,
+    SDXL_QKV,
+    UNET,
+    baked,
+    kohya_lora,
+    loha_module,
+    lora_module,
+    save,
+    sdxl_specs,
+)
 from transformer_layouts import flux_keys, tiny_specs
 
 from lib_merge.cli import main
@@ -91,6 +102,44 @@ def test_two_loras_add_up_in_float64_and_round_once(tmp_path):
     for key in SD15_KOHYA.values():
         assert output[key].dtype == torch.float16
         assert_within_one_ulp(output[key], original[key].double() + 0.6 * one[key] - 0.3 * two[key], key)
+
+
+@pytest.fixture
+def torch_threads():
+    """Sets torch's thread count for the test, as the engine reads it when a bake starts."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_a_bake_cut_into_rows_among_threads_gives_the_bytes_of_one_thread(tmp_path, torch_threads):
+    """The engine cuts a key's rows among torch's thread count of threads: 5 cut OpenCLIP-G's fused
+    q/k/v (12 rows) across its thirds, and the q, k, v LoRAs must land in their rows all the same; a
+    key with a LoHa is not cut (each thread would compute its whole change)."""
+    specs = sdxl_specs()
+    checkpoint = make(tmp_path / "model.safetensors", specs, seed=6)
+    generator = torch.Generator().manual_seed(6)
+    (loha_name, loha_key), *plain = SDXL_KOHYA.items()
+    tensors = load(kohya_lora(tmp_path / "plain.safetensors", dict(plain), specs, seed=6, alpha=1.0))
+    tensors.update(loha_module(loha_name, specs[loha_key].shape, 2, generator))
+    for name, (key, _) in SDXL_QKV.items():
+        tensors.update(lora_module(name, (specs[key].shape[0] // 3, specs[key].shape[1]), 2, generator))
+    lora = save(tmp_path / "lora.safetensors", tensors)
+    outputs = []
+    for threads in (1, 5):
+        torch_threads(threads)
+        outputs.append(baked(tmp_path, checkpoint, [(lora, 0.7, "")], name=f"threads{threads}"))
+    original = load(checkpoint)
+    for key in [loha_key, *dict(plain).values(), *(key for key, _ in SDXL_QKV.values())]:
+        assert not torch.equal(outputs[0][key], original[key]), key
+        assert torch.equal(_bits(outputs[1][key]), _bits(outputs[0][key])), key
+    qkv = next(iter(SDXL_QKV.values()))[0]
+    expected = original[qkv].double()
+    for name, (_, third) in SDXL_QKV.items():
+        rows = slice(third * 4, third * 4 + 4)
+        up, down = tensors[f"{name}.lora_up.weight"].double(), tensors[f"{name}.lora_down.weight"].double()
+        expected[rows] += 0.7 * (up @ down)  # no alpha: the scale is 1
+    assert_within_one_ulp(outputs[1][qkv], expected, qkv)
 
 
 def test_output_dtype_bf16_rounds_once(tmp_path):

@@ -203,29 +203,45 @@ class LoraReader(CheckpointReader):
         return total
 
     @staticmethod
-    def add_changes(key: str, target: torch.Tensor, changes: list[tuple[LoraReader, float]]) -> None:
+    def add_changes(
+        key: str, target: torch.Tensor, changes: list[tuple[LoraReader, float]], window: tuple[int, int] | None = None
+    ) -> None:
         """Add each LoRA's ``alpha`` x change at ``key`` into ``target`` (the key's shape as presented,
-        in the work dtype: float64, float32 on MPS) in place. Plain LoRA modules on the same rows go
-        in together by one matrix product (their factors side by side, each ``up`` scaled), so no
-        change-sized tensor is made and the rows are passed over once; other modules by their
-        change, as ``__getitem__`` gives it."""
+        in the work dtype: float64, float32 on MPS) in place; with ``window``, ``target`` holds only
+        those (start, stop) rows of the key. Plain LoRA modules on the same rows go in together by one
+        matrix product (their factors side by side, each ``up`` scaled), so no change-sized tensor is
+        made and the rows are passed over once; other modules by their change, as ``__getitem__``
+        gives it."""
+        first = window[0] if window else 0
         factors: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for reader, alpha in changes:
             if alpha == 0:
                 continue
             for patch in reader._patches.get(key, []):
-                rows = patch.rows or (0, target.shape[0])
-                module = patch.module
-                plain = module.kind == "lora" and "mid" not in module.parts and not module.has_dora
-                if plain and not patch.bias and not patch.swap_halves:
-                    up = reader._lora[module.parts["up"]].to(target.device, target.dtype).flatten(1)
+                rows = patch.rows or (0, reader._specs[key].shape[0])
+                start, stop = (max(rows[0], window[0]), min(rows[1], window[1])) if window else rows
+                if start >= stop:
+                    continue
+                there = slice(start - rows[0], stop - rows[0])  # the part of the patch's rows in the window
+                if _plain(patch):
+                    module = patch.module
+                    up = reader._lora[module.parts["up"]].flatten(1)[there].to(target.device, target.dtype)
                     down = reader._lora[module.parts["down"]].to(target.device, target.dtype).flatten(1)
-                    factors.setdefault(rows, []).append((up * (alpha * reader._scales[module.name]), down))
+                    factors.setdefault((start - first, stop - first), []).append(
+                        (up * (alpha * reader._scales[module.name]), down)
+                    )
                 else:
-                    target[rows[0] : rows[1]].add_(reader._change(key, patch).to(target.device), alpha=alpha)
+                    change = reader._change(key, patch)[there]
+                    target[start - first : stop - first].add_(change.to(target.device), alpha=alpha)
         for (start, stop), pairs in factors.items():
             up, down = torch.cat([u for u, _ in pairs], dim=1), torch.cat([d for _, d in pairs])
             target[start:stop].view(up.shape[0], down.shape[1]).addmm_(up, down)
+
+    @staticmethod
+    def splits_by_rows(key: str, changes: list[tuple[LoraReader, float]]) -> bool:
+        """Whether ``add_changes`` at ``key`` costs no more cut into windows of rows: every module
+        there is a plain LoRA (any other's change would be computed whole for each window)."""
+        return all(_plain(patch) for reader, _ in changes for patch in reader._patches.get(key, []))
 
     def _change(self, key: str, patch: _Patch) -> torch.Tensor:
         module = patch.module
@@ -260,6 +276,13 @@ class LoraReader(CheckpointReader):
 
     def close(self) -> None:
         self._lora.close()  # the base checkpoint is the plan's to close
+
+
+def _plain(patch: _Patch) -> bool:
+    """A plain LoRA module's weight change (up @ down, scaled), in place, halves as they are."""
+    module = patch.module
+    plain = module.kind == "lora" and "mid" not in module.parts and not module.has_dora
+    return plain and not patch.bias and not patch.swap_halves
 
 
 def _overlap(a: tuple[int, int] | None, b: tuple[int, int] | None, height: int) -> bool:
