@@ -4,7 +4,11 @@ random values.
 Used by the benchmark, the demo and the tests: no model can be downloaded, and none is needed to
 exercise every byte path of a merge.
 
-Layouts (``lib_merge/data/``): ``sd15`` and ``sdxl`` are full checkpoints. ``flux`` is the Flux dev
+Layouts (``lib_merge/data/``): ``sd15`` and ``sdxl`` are full checkpoints. ``sdxl`` is
+../shared/data/sdxl_shapes.json (the keys of the model as built) with the 34 that SDXL files carry
+beyond those, and that loaders which build both text encoders read (kohya's sd-scripts do): CLIP-L's
+layer 11 and final_layer_norm, OpenCLIP-G's resblock 31, ln_final, text_projection and logit_scale.
+``flux`` is the Flux dev
 transformer alone: the ``model.diffusion_model.*`` keys of a full Flux dev checkpoint (11.9 G
 parameters; ../shared/data/flux_shapes.json). ``sd35`` is the SD3.5 large transformer, derived from
 the SD3 medium table (../shared/data/sd3_shapes.json) by ``sd35_large_from_sd3_medium``: see there.

@@ -35,7 +35,7 @@ def private_hash_cache(tmp_path, monkeypatch):
 
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes, so -0.0 and 0.0 (and NaN payloads) count as different."""
-    return tensor.contiguous().view(torch.uint8)
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _changes(lora_path, table, specs) -> dict[str, torch.Tensor]:
