@@ -79,21 +79,7 @@ def _lora_body_model(name: str, defaults: dict):
     return create_model(name, **fields)
 
 
-BakeBody = _lora_body_model(
-    "BakeBody",
-    {
-        "checkpoint": "",
-        "loras": [],
-        "custom_name": "",
-        "checkpoint_format": "safetensors",
-        "dtype": "",
-        "save_metadata": True,
-        "add_merge_recipe": True,
-        "overwrite": False,
-        "device": "auto",
-        "load": False,
-    },
-)
+BakeBody = _lora_body_model("BakeBody", lora_actions.BAKE_DEFAULTS)
 ExtractBody = _lora_body_model("ExtractBody", lora_actions.EXTRACT_DEFAULTS)
 LoraMergeBody = _lora_body_model("LoraMergeBody", lora_actions.MERGE_DEFAULTS)
 

@@ -22,9 +22,21 @@ from .request import DEVICES, MergeRequest
 
 # Work per request is bounded (DESIGN 3b): a rank past the widest layer of any model only costs time.
 MAX_RANK = 1024
-# The bake's own fields (the checkpoint and its LoRAs); the rest are the merge's output fields.
-BAKE_FIELDS = ("checkpoint", "loras")
-BAKE_OUTPUT_FIELDS = ("custom_name", "checkpoint_format", "dtype", "save_metadata", "add_merge_recipe", "overwrite")
+# The bake's fields with their defaults: the checkpoint and its LoRAs, the merge's output fields
+# (passed on to bake_request), the device, and whether to load the result.
+BAKE_DEFAULTS = {
+    "checkpoint": "",
+    "loras": [],
+    "custom_name": "",
+    "checkpoint_format": "safetensors",
+    "dtype": "",
+    "save_metadata": True,
+    "add_merge_recipe": True,
+    "overwrite": False,
+    "device": "auto",
+    "load": False,
+}
+BAKE_REQUEST_OPTIONS = tuple(name for name in BAKE_DEFAULTS if name not in ("checkpoint", "loras", "load"))
 EXTRACT_DEFAULTS = {
     "base": "",
     "tuned": "",
@@ -93,7 +105,7 @@ def _lora_ref(item: Any, where: str) -> LoraRef:
 
 def bake_request_from_fields(host: AppHost, fields: Mapping[str, Any]) -> tuple[MergeRequest, bool]:
     """The bake's MergeRequest (a recipe of add_delta nodes) and the ``load`` wish; unknown fields refused."""
-    known = (*BAKE_FIELDS, *BAKE_OUTPUT_FIELDS, "device", "load", "id_task")
+    known = (*BAKE_DEFAULTS, "id_task")
     unknown = [name for name in fields if name not in known]
     if unknown:
         raise RequestError(f"{unknown[0]}: unknown field (expected some of {', '.join(known)})")
@@ -105,7 +117,7 @@ def bake_request_from_fields(host: AppHost, fields: Mapping[str, Any]) -> tuple[
     if any(ref.blocks.strip() for ref in refs):  # block weights are read in the checkpoint's family
         with open_checkpoint(host.resolve(checkpoint).path) as reader:
             family = arch.family_of(reader.keys())
-    options = {name: fields[name] for name in (*BAKE_OUTPUT_FIELDS, "device") if fields.get(name) is not None}
+    options = {name: fields[name] for name in BAKE_REQUEST_OPTIONS if fields.get(name) is not None}
     return bake_request(checkpoint, refs, family=family, **options), bool(fields.get("load", False))
 
 
