@@ -228,7 +228,8 @@ def check_lora_section(page, client: Client, lora_folder: Path, name: str) -> No
     """In the tab: Extract rand_a -> rand_b at rank 4 into the host's LoRA folder, and txt2img's Lora
     cards list it without a restart; Try bake of it into rand_a at 0.8 gives rand_a's image with
     ``<lora:NAME:0.8>`` in the prompt, within one level of 255 (the largest difference is printed);
-    the X/Y/Z plot's "Merge Lab: alpha" axis varies the tried bake's ratio."""
+    the X/Y/Z plot's "Merge Lab: alpha" axis varies the tried bake's ratio, and so does Sweep bake
+    with the Sweep section's axes."""
     import numpy as np
 
     card = page.locator(f'#txt2img_lora_cards_html .card[data-name="{name}"]')
@@ -273,3 +274,15 @@ def check_lora_section(page, client: Client, lora_folder: Path, name: str) -> No
     cells = [text for text in json.loads(answer["info"])["infotexts"] if "X Type" not in text]
     assert sorted(part(text, "Model: ") for text in cells) == [f"rand_a + 0.4({name})", f"rand_a + 0.8({name})"]
     client.call("/sdapi/v1/options", {"sd_model_checkpoint": "rand_a.safetensors"})
+
+    # Sweep bake: the Sweep section's axes and image fields over the bake, alpha its LoRA's ratio.
+    page.locator("#merge_lab_sweep").get_by_text("Sweep: an X/Y grid of images").click()
+    page.locator("#merge_lab_x_values textarea").fill("0.4, 0.8")
+    page.locator("#merge_lab_prompt textarea").fill(image["prompt"])
+    for field in ("width", "height", "steps"):
+        set_number(page, f"merge_lab_{field}", image[field])
+    page.locator("#merge_lab_bake_sweep").click()
+    wait_for_result(page, "Sweep: 2 points")
+    result = page.locator("#merge_lab_result").last.inner_text()
+    assert f"alpha 0.4: rand_a + 0.4({name}) [" in result and f"alpha 0.8: rand_a + 0.8({name}) [" in result, result
+    assert page.locator("#merge_lab_gallery img").count() == 3  # the grid, then each cell

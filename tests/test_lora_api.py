@@ -189,3 +189,40 @@ def test_try_and_sweep_take_a_bake_as_a_recipe_and_vary_its_lora_ratio(folders, 
     assert [cell["name"] for cell in cells] == ["a + 0.0(style)", "a + 0.5(style)"]
     assert [cell["recipe"]["merge"]["models"][1]["lora"] for cell in cells] == ["style.safetensors"] * 2
     assert [cell["recipe"]["merge"]["params"]["alpha"] for cell in cells] == [0.0, 0.5]
+
+
+def test_the_tabs_sweep_bake_varies_the_last_loras_ratio_and_shows_each_cell(folders, tmp_path):
+    """The LoRA section's Sweep bake handler over the ImageHost: the Sweep section's axes and image
+    fields (numbers as gradio gives them), the bake's rows; a bad axis is shown, not raised."""
+    from image_host import ImageHost
+
+    from lib_merge.ui import lora_section
+
+    models, loras = folders
+    host = ImageHost(models, tmp_path / "grids", hash_cache=tmp_path / "hashes.json")
+    host.lora_folder = loras
+    rows = {"bake_checkpoint": "a.safetensors", "bake_custom_name": "", "bake_dtype": "keep"}
+    rows |= {"bake_overwrite": False, "bake_load": False}
+    for row, (name, ratio) in enumerate(
+        [("style.safetensors", 0.8), ("detail.safetensors", 1.0), ("", 1.0), ("", 1.0)]
+    ):
+        rows |= {f"bake_lora_{row}": name, f"bake_ratio_{row}": ratio, f"bake_blocks_{row}": ""}
+    axes = {"x_param": "alpha", "x_values": "0.2, 0.6", "y_param": "", "y_values": ""}
+    image = {"prompt": "a cat", "negative_prompt": "", "seed": 5.0, "steps": 20.0, "width": 8.0, "height": 8.0,
+             "sampler": "", "cfg_scale": 7.0}  # fmt: skip
+
+    def sweep(axes):
+        fields = lora_section.bake_fields(rows, "cpu")
+        return lora_section.sweep_bake(host, fields, axes, image, "", "page", lambda *args, **kwargs: None)
+
+    pictures, message, cell_choices, recipes = sweep(axes)
+    assert "merge-lab-done" in message and len(pictures) == 3  # the grid and its 2 cells
+    assert list(recipes) == cell_choices["choices"]
+    names = [caption.split(": ", 1)[1].split(" [")[0] for _, caption in pictures[1:]]
+    assert names == ["a + 0.8(style) + 0.2(detail)", "a + 0.8(style) + 0.6(detail)"]
+    for recipe, ratio in zip(recipes.values(), (0.2, 0.6), strict=True):
+        outer = recipe["merge"]
+        assert outer["models"][1]["lora"] == "detail.safetensors" and outer["params"]["alpha"] == ratio
+        assert outer["models"][0]["params"]["alpha"] == 0.8  # the first LoRA keeps its ratio
+    pictures, message, _, recipes = sweep({**axes, "x_param": "density"})
+    assert pictures == [] and recipes == {} and "density" in message and "merge-lab-error" in message

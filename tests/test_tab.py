@@ -64,7 +64,8 @@ def test_every_page_hook_reaches_the_page_in_this_gradio(host):
     the standalone page has no script, so no event names one."""
     hooks = ["mergeLabMerge", "mergeLabOpenTxt2img", "mergeLabTask", "mergeLabSweep", "mergeLabFromTxt2img"]
     hooks += ["mergeLabTask"] * 3  # the greedy soup's Start, Keep soup and Add candidate
-    hooks += ["mergeLabTask"] * 4  # the LoRA section's Bake, Try bake, Extract and Merge LoRAs
+    hooks += ["mergeLabTask"] * 2 + ["mergeLabSweep"]  # the LoRA section's Bake, Try bake, Sweep bake
+    hooks += ["mergeLabTask"] * 2  # and its Extract and Merge LoRAs
     for in_webui, expected in ((True, hooks), (False, [])):
         config = tab_module.build_tab(host, in_webui=in_webui).config
         assert [d["js"] for d in config["dependencies"] if d.get("js")] == expected

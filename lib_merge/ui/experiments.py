@@ -128,6 +128,11 @@ def restore(host, owner: str) -> str:
 
 def run_sweep(host, fields: dict, axes: dict, image: dict, task_id: str, owner: str, progress) -> tuple:
     """(gallery images, result HTML, cell dropdown update, {cell label: recipe})."""
+    return sweep_request(host, lambda: actions.request_from_fields(fields)[0], axes, image, task_id, owner, progress)
+
+
+def sweep_request(host, make_request, axes: dict, image: dict, task_id: str, owner: str, progress) -> tuple:
+    """``run_sweep`` of ``make_request()``, the merge to vary (a MergeError from it is shown)."""
 
     def show(cell: runner.Cell) -> None:
         progress((len(shown) + 1, total), desc=f"generated {cell.label}")
@@ -135,7 +140,7 @@ def run_sweep(host, fields: dict, axes: dict, image: dict, task_id: str, owner: 
 
     shown: list = []
     try:
-        request, _ = actions.request_from_fields(fields)
+        request = make_request()
         x, y = actions.sweep_axes(
             host, request, (axes["x_param"], axes["x_values"]), (axes["y_param"], axes["y_values"])
         )

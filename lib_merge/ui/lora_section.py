@@ -1,5 +1,6 @@
-"""The tab's LoRA section: bake LoRAs into a checkpoint (or Try the bake in the loaded model),
-extract a LoRA from two checkpoints, merge LoRAs into one.
+"""The tab's LoRA section: bake LoRAs into a checkpoint (or Try the bake in the loaded model, or
+sweep its last LoRA's ratio with the Sweep section's axes), extract a LoRA from two checkpoints,
+merge LoRAs into one.
 
 The pickers list the host's checkpoints and LoRA folder; an extracted or merged LoRA is written
 into that folder and the host's Lora cards are refreshed (the page script clicks their refresh),
@@ -15,6 +16,7 @@ import gradio as gr
 from .. import actions, lora_actions, precision
 from ..errors import MergeError, brief
 from ..lora.kohya import DTYPES
+from . import experiments
 from .experiments import can_try
 from .messages import done_html, error_html
 
@@ -75,6 +77,11 @@ def build_bake(host) -> dict:
     with gr.Row():
         ui["bake"] = gr.Button("Bake", variant="primary", elem_id="merge_lab_bake")
         ui["bake_try"] = gr.Button("Try bake (no file)", visible=can_try(host), elem_id="merge_lab_bake_try")
+        ui["bake_sweep"] = gr.Button(
+            "Sweep bake (the Sweep's axes; alpha: the last LoRA's ratio)",
+            visible=can_try(host),
+            elem_id="merge_lab_bake_sweep",
+        )
     return ui
 
 
@@ -166,6 +173,16 @@ def try_bake(host, fields: dict, task_id: str, owner: str) -> tuple[str, dict | 
         log.exception("Merge Lab: try failed")
         return error_html(f"internal error: {brief(err)}"), None
     return done_html("\n".join([outcome.message(), *outcome.notes])), outcome.recipe
+
+
+def sweep_bake(host, fields: dict, axes: dict, image: dict, task_id: str, owner: str, progress) -> tuple:
+    """The Sweep section's axes and images over the bake: each cell a bake tried in the loaded model
+    (the bake is a chain of add_delta nodes, so its alpha is the last LoRA's ratio)."""
+
+    def request():
+        return lora_actions.bake_request_from_fields(host, {**fields, "load": False})[0]
+
+    return experiments.sweep_request(host, request, axes, image, task_id, owner, progress)
 
 
 def write_lora(host, run, fields: dict, task_id: str, owner: str) -> str:

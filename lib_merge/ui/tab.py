@@ -316,7 +316,7 @@ def wire_greedy(host: AppHost, ui: dict, in_webui: bool) -> None:
 
 
 def wire_lora(host: AppHost, ui: dict, in_webui: bool) -> None:
-    """Bake, Try bake, Extract, Merge LoRAs: each into the shared result panel (its progress bar),
+    """Bake, Try bake, Sweep bake, Extract, Merge LoRAs: each into the shared result panel (its progress bar),
     on the device picked for merges; a LoRA written refreshes the LoRA pickers."""
     section = lora_section
     page, result, device = ui["page"], ui["result"], ui["device"]
@@ -343,6 +343,13 @@ def wire_lora(host: AppHost, ui: dict, in_webui: bool) -> None:
         message, recipe = section.try_bake(host, section.bake_fields(fields, device_value), task_id, owner)
         return message, recipe, gr.update(interactive=recipe is not None)
 
+    sweep_names = (*experiments.AXIS_FIELDS, *experiments.IMAGE_FIELDS)
+
+    def on_sweep(progress=gr.Progress(), task_id="", *values):  # noqa: B008 (gradio's idiom)
+        axes = dict(zip(sweep_names, values[: len(sweep_names)], strict=True))
+        fields, device_value, owner = named(section.BAKE_FIELDS, values[len(sweep_names) :])
+        return section.sweep_bake(host, section.bake_fields(fields, device_value), axes, axes, task_id, owner, progress)
+
     def writes_lora(names, to_fields, run):
         def on_click(task_id="", *values):
             fields, device_value, owner = named(names, values)
@@ -355,6 +362,11 @@ def wire_lora(host: AppHost, ui: dict, in_webui: bool) -> None:
     ui["bake"].click(on_bake, inputs=inputs(section.BAKE_FIELDS), outputs=[result, *checkpoints], **hook)
     ui["bake_try"].click(on_try, inputs=inputs(section.BAKE_FIELDS),
                          outputs=[result, ui["tried_recipe"], ui["save_tried"]], **hook)  # fmt: skip
+    # The sweep's inputs first, as the page script's mergeLabSweep reads them (the prompt from txt2img).
+    ui["bake_sweep"].click(
+        on_sweep, inputs=[ui["task_id"], *(ui[name] for name in sweep_names), *inputs(section.BAKE_FIELDS)[1:]],
+        outputs=[ui["gallery"], result, ui["cell"], ui["cell_recipes"]], **_page_hook("mergeLabSweep", in_webui),
+    )  # fmt: skip
     ui["extract"].click(
         writes_lora(section.EXTRACT_FIELDS, section.extract_fields, lora_actions.run_extract),
         inputs=inputs(section.EXTRACT_FIELDS), outputs=[result, *pickers], **hook,
