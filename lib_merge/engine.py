@@ -2,9 +2,10 @@
 
 Read, compute and write overlap: the next keys' input pages (``PREFETCH_BYTES`` ahead) are
 requested from the kernel while this key is computed on the main thread (a LoRA bake's rows on
-several: ``_Compute._bake``), straight into its place in the output file where the
-writer can map it (``io/mapped_writer.py``; a helper thread makes those pages ahead of time), and
-a background thread hashes the previous ones (elsewhere: into reused buffers, written by a thread).
+several: ``_Compute._bake``), straight into its place in the writer's staging buffer, which
+threads hash and write past the page cache (``io/direct_writer.py``), or, where the OS or the
+filesystem cannot, in the mapped output file (``io/mapped_writer.py``; elsewhere: into reused
+buffers, written by a thread).
 Arithmetic is in float64 on the CPU and CUDA (float32 on MPS, which has no float64), and the
 result is rounded once to the output dtype (``precision.rounding``: with a chosen precision to
 nearest, ties to even, fp8 saturating; else torch's conversion, as before), so every value is
@@ -28,6 +29,7 @@ import torch
 
 from .errors import CancelledError, IncompatibleModelsError, RequestError
 from .fp8_tables import Fp8Tables
+from .io.direct_writer import DirectIOUnsupported, DirectSafetensorsWriter
 from .io.mapped_writer import MappedSafetensorsWriter, PreallocationUnsupported
 from .io.writer import CkptWriter, SafetensorsWriter, remove_leftovers
 from .plan import Job, Plan
@@ -217,10 +219,13 @@ def _open_writer(plan: Plan):
     remove_leftovers(plan.output.parent)
     if plan.output.suffix.lower() != ".safetensors":
         return CkptWriter(plan.output, specs, overwrite=overwrite)
-    try:
-        return MappedSafetensorsWriter(plan.output, specs, plan.metadata or None, overwrite=overwrite)
-    except PreallocationUnsupported:
-        return SafetensorsWriter(plan.output, specs, plan.metadata or None, overwrite=overwrite)
+    # Past the page cache where the OS and filesystem can, else into a mapped file, else streamed.
+    for writer in (DirectSafetensorsWriter, MappedSafetensorsWriter):
+        try:
+            return writer(plan.output, specs, plan.metadata or None, overwrite=overwrite)
+        except (DirectIOUnsupported, PreallocationUnsupported):
+            pass
+    return SafetensorsWriter(plan.output, specs, plan.metadata or None, overwrite=overwrite)
 
 
 class _Prefetcher:

@@ -1,7 +1,9 @@
 """Readers and writers against the safetensors library and torch, on real files."""
 
+import errno
 import hashlib
 import json
+import os
 import pickle
 
 import pytest
@@ -9,7 +11,9 @@ import safetensors.torch
 import torch
 from conftest import SD15, make
 
-from lib_merge import InputError, UnsafePickleError
+from lib_merge import InputError, OutputError, UnsafePickleError
+from lib_merge.io import direct_writer
+from lib_merge.io.direct_writer import ALIGN, DirectIOUnsupported, DirectSafetensorsWriter
 from lib_merge.io.formats import open_checkpoint
 from lib_merge.io.mapped_writer import MappedSafetensorsWriter
 from lib_merge.io.readers import TensorSpec
@@ -60,9 +64,73 @@ def test_the_mapped_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mapped.safetensors", "streamed.safetensors"]
 
 
-def test_the_mapped_writer_leaves_nothing_when_aborted(tmp_path):
+def direct_writer_or_skip(path, specs, metadata=None) -> DirectSafetensorsWriter:
+    try:
+        return DirectSafetensorsWriter(path, specs, metadata)
+    except DirectIOUnsupported as err:
+        pytest.skip(f"this filesystem cannot write past the page cache: {err}")
+
+
+def test_the_direct_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path, monkeypatch):
+    """Buffers of 3 pages, so tensors cross them: computed into their slots (some after a buffer was
+    handed over), copied in (misaligned for their dtype, or larger than a buffer), and empty."""
+    monkeypatch.setattr(direct_writer, "BUFFER_BYTES", 3 * ALIGN)
+    tensors = {
+        "odd": torch.randn(3).half(),  # 6 bytes: the next float32 starts misaligned
+        "f32": torch.randn(5, 2),
+        "empty": torch.empty(0, 4),
+        "bf16": torch.randn(7, dtype=torch.bfloat16),
+        "big": torch.randn(10_000),  # 40,000 bytes: more than three buffers
+        **{f"page{i}": torch.randn(2000).half() for i in range(5)},  # 4,000 bytes each: 2 to a buffer
+        "i64": torch.arange(3),
+    }
+    specs = [(k, TensorSpec(v.dtype, tuple(v.shape))) for k, v in tensors.items()]
+    streamed = SafetensorsWriter(tmp_path / "streamed.safetensors", specs, {"k": "v"})
+    direct = direct_writer_or_skip(tmp_path / "direct.safetensors", specs, {"k": "v"})
+    in_place = []
+    for key, tensor in tensors.items():
+        streamed.add(key, tensor)
+        slot = direct.slot(key)
+        if slot is not None:
+            slot.copy_(tensor)
+            in_place.append(key)
+        direct.add(key, tensor if slot is None else slot)
+    assert in_place == ["odd", "bf16", *(f"page{i}" for i in range(5))]  # f32 and i64 land misaligned
+    assert direct.finish() == streamed.finish()
+    written = (tmp_path / "direct.safetensors").read_bytes()
+    assert len(written) % ALIGN and written == (tmp_path / "streamed.safetensors").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.safetensors", "streamed.safetensors"]
+
+
+def test_a_failed_direct_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """Stand-in for a disk that fails once its space is reserved (an I/O error): pwrite fails past
+    the first buffer."""
+    monkeypatch.setattr(direct_writer, "BUFFER_BYTES", 2 * ALIGN)
+    specs = [(f"t{i}", TensorSpec(torch.float32, (1024,))) for i in range(8)]
+    writer = direct_writer_or_skip(tmp_path / "x.safetensors", specs)
+    real_pwrite = os.pwrite
+
+    def failing(fd, data, offset):
+        if offset:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(OutputError, match=r"x\.safetensors: write failed \(Input/output error\); nothing was saved"):
+        for key, _ in specs:
+            writer.add(key, torch.ones(1024))
+        writer.finish()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["mapped", "direct"])
+def test_the_writers_that_place_tensors_leave_nothing_when_aborted(tmp_path, kind):
     specs = [("a", TensorSpec(torch.float16, (4,))), ("b", TensorSpec(torch.float16, (4,)))]
-    writer = MappedSafetensorsWriter(tmp_path / "x.safetensors", specs, None)
+    if kind == "mapped":
+        writer = MappedSafetensorsWriter(tmp_path / "x.safetensors", specs, None)
+    else:
+        writer = direct_writer_or_skip(tmp_path / "x.safetensors", specs)
     writer.slot("a").fill_(1)
     writer.add("a", writer.slot("a"))
     with pytest.raises(ValueError, match="writer expected b"):

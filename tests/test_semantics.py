@@ -1,5 +1,7 @@
 """The built-in's semantics, key by key, against an independent float64 reference."""
 
+import collections
+
 import pytest
 import torch
 from builtin_reference import reference_merge
@@ -167,22 +169,43 @@ def test_incompatible_architectures_are_refused_naming_a_key(host, models):
 
 
 @pytest.mark.parametrize("save_as_half", [False, True])
-def test_computed_in_the_output_file_or_streamed_the_output_is_the_same(host, models, monkeypatch, save_as_half):
-    """The second merge stands in for a filesystem that cannot preallocate (this one can), where the
-    engine streams its output with write() instead of computing into the mapped file."""
-    from lib_merge.io import mapped_writer
+def test_past_the_page_cache_mapped_or_streamed_the_output_is_the_same(host, models, monkeypatch, save_as_half):
+    """The second merge stands in for an OS or filesystem without O_DIRECT (this one has it, unless
+    the first merge maps too), where the engine computes into the mapped output file; the third for
+    one that cannot preallocate either, where it streams with write()."""
+    from lib_merge.io import direct_writer, mapped_writer
 
-    slots = []
-    writer_slot = mapped_writer.MappedSafetensorsWriter.slot
-    monkeypatch.setattr(
-        mapped_writer.MappedSafetensorsWriter, "slot", lambda w, key: slots.append(key) or writer_slot(w, key)
+    slots = collections.Counter()
+    for writer in (direct_writer.DirectSafetensorsWriter, mapped_writer.MappedSafetensorsWriter):
+        monkeypatch.setattr(
+            writer,
+            "slot",
+            lambda w, key, slot=writer.slot, name=writer.__name__: slots.update([name]) or slot(w, key),
+        )
+    request = MergeRequest(
+        "a.safetensors", "b.safetensors", custom_name="out", multiplier=0.3, save_as_half=save_as_half, overwrite=True
     )
-    request = dict(multiplier=0.3, save_as_half=save_as_half, overwrite=True)
-    in_place = merge(MergeRequest("a.safetensors", "b.safetensors", custom_name="out", **request), host)
-    mapped_bytes = in_place.path.read_bytes()
-    computed_in_place = len(slots)
-    monkeypatch.setattr(mapped_writer, "_FALLOCATE", None)
-    streamed = merge(MergeRequest("a.safetensors", "b.safetensors", custom_name="out", **request), host)
-    assert computed_in_place > 0 and len(slots) == computed_in_place  # the second merge never mapped
-    assert streamed.sha256 == in_place.sha256
-    assert streamed.path.read_bytes() == mapped_bytes
+    first = "DirectSafetensorsWriter" if direct_io_works(models) else "MappedSafetensorsWriter"
+    outputs = []
+    for stand_in in (None, (direct_writer, "O_DIRECT"), (mapped_writer, "_FALLOCATE")):
+        if stand_in is not None:
+            monkeypatch.setattr(*stand_in, None)
+        result = merge(request, host)
+        outputs.append((result.sha256, result.path.read_bytes(), dict(slots)))
+    placed = outputs[0][2][first]
+    assert placed > 0 and outputs[0][2] == {first: placed}
+    mapped = outputs[1][2]["MappedSafetensorsWriter"]
+    assert mapped == placed * (2 if first == "MappedSafetensorsWriter" else 1)
+    assert outputs[1][2] == {**outputs[0][2], "MappedSafetensorsWriter": mapped}
+    assert outputs[2][2] == outputs[1][2]  # the third merge placed nothing
+    assert outputs[0][:2] == outputs[1][:2] == outputs[2][:2]
+
+
+def direct_io_works(folder) -> bool:
+    from lib_merge.io.direct_writer import DirectIOUnsupported, DirectSafetensorsWriter
+
+    try:
+        DirectSafetensorsWriter(folder / "probe.safetensors", [], None).abort()
+        return True
+    except DirectIOUnsupported:
+        return False

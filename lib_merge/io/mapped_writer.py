@@ -1,5 +1,7 @@
 """A safetensors writer whose tensors are computed straight into the output file's pages.
 
+Used where the output cannot be written past the page cache (``direct_writer.py``: no O_DIRECT).
+
 The temp file is preallocated at its final size (``fallocate``: the disk space is reserved before
 any merging, so a disk that fills up later cannot break the merge) and mapped shared; the engine
 writes each merged tensor into its place in the map (``slot``), so no ``write()`` copies the
@@ -60,7 +62,7 @@ class MappedSafetensorsWriter:
         self._stop = threading.Event()
         self._file = TempFile(Path(path), overwrite, readable=True)
         try:
-            _preallocate(self._file, offset)
+            preallocate(self._file, offset)
             self._map = _map(self._file.fd, offset)
         except BaseException:
             self._file.discard()
@@ -183,7 +185,7 @@ _MADVISE = libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_i
 MADV_POPULATE_WRITE = 23  # Linux 5.14 and later
 
 
-def _preallocate(file: TempFile, size: int) -> None:
+def preallocate(file: TempFile, size: int) -> None:
     if _FALLOCATE is None:
         raise PreallocationUnsupported("fallocate is not available here")
     if _FALLOCATE(file.fd, 0, 0, size) != 0:

@@ -122,7 +122,7 @@ class TempFile:
             try:
                 written = os.write(self.fd, view[: 1 << 30])
             except OSError as err:
-                raise OutputError(_write_failure(self.path, err)) from None
+                raise OutputError(write_failure(self.path, err)) from None
             view = view[written:]
             self.written += written
         if self.written - self.flushed >= WRITEBACK_BYTES:
@@ -133,7 +133,7 @@ class TempFile:
         try:
             os.fsync(self.fd)
         except OSError as err:
-            raise OutputError(_write_failure(self.path, err)) from None
+            raise OutputError(write_failure(self.path, err)) from None
         if not self.overwrite and self.path.exists():
             raise OutputError(f"{self.path}: already exists (appeared during the merge); choose overwrite")
         if fcntl is None:  # Windows cannot rename an open file
@@ -409,7 +409,7 @@ def _pickled_int(value: int) -> int:
     return 2 + value.bit_length() // 8 + 1
 
 
-def _write_failure(path: Path, err: OSError) -> str:
+def write_failure(path: Path, err: OSError) -> str:
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return f"{path.parent}: disk full while writing {path.name} ({err.strerror}); nothing was saved"
     return f"{path}: write failed ({err.strerror}); nothing was saved"
