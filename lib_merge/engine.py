@@ -367,17 +367,19 @@ class _Compute:
             self._bake_buffer = torch.empty(nbytes, dtype=torch.uint8)
         work = self._bake_buffer[:nbytes].view(torch.float64).view(source.shape)
         reader = changes[0][0]
-
-        def bake_rows(rows: tuple[int, int]) -> None:
-            value = work[rows[0] : rows[1]].copy_(source[rows[0] : rows[1]])
-            reader.add_changes(key, value, changes, window=rows)
-            self.round_into(out[rows[0] : rows[1]], value)
-
         threads = self.threads.original
         pieces = deque(_row_pieces(source.shape[0], threads * PIECES_PER_BAKE_THREAD))
         if len(pieces) == 1 or threads == 1 or not reader.splits_by_rows(key, changes):
             self.threads.use(threads)  # LoHa, LoKr ...: torch's workers on the whole change
-            return bake_rows((0, source.shape[0]))
+            reader.add_changes(key, work.copy_(source), changes)
+            return self.round_into(out, work)
+        # The factors once per key (converted, scaled, side by side): each piece only multiplies.
+        factors = reader.plain_factors(key, changes, work.device, work.dtype)
+
+        def bake_rows(rows: tuple[int, int]) -> None:
+            value = work[rows[0] : rows[1]].copy_(source[rows[0] : rows[1]])
+            reader.add_factors(value, factors, window=rows)
+            self.round_into(out[rows[0] : rows[1]], value)
 
         def take_pieces() -> None:  # until none is left (deque.popleft is atomic)
             while True:
@@ -389,7 +391,11 @@ class _Compute:
 
         self.threads.use(1)
         if self._bake_pool is None:
-            self._bake_pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="merge-lab-bake")
+            # Torch's thread count is per thread for its BLAS: a new thread's products would
+            # otherwise spread over every core (measured on 2 cores: half the GEMM throughput).
+            self._bake_pool = ThreadPoolExecutor(
+                threads - 1, thread_name_prefix="merge-lab-bake", initializer=torch.set_num_threads, initargs=(1,)
+            )
         helpers = [self._bake_pool.submit(take_pieces) for _ in range(threads - 1)]
         take_pieces()
         for helper in helpers:

@@ -203,39 +203,54 @@ class LoraReader(CheckpointReader):
         return total
 
     @staticmethod
-    def add_changes(
-        key: str, target: torch.Tensor, changes: list[tuple[LoraReader, float]], window: tuple[int, int] | None = None
-    ) -> None:
+    def add_changes(key: str, target: torch.Tensor, changes: list[tuple[LoraReader, float]]) -> None:
         """Add each LoRA's ``alpha`` x change at ``key`` into ``target`` (the key's shape as presented,
-        in the work dtype: float64, float32 on MPS) in place; with ``window``, ``target`` holds only
-        those (start, stop) rows of the key. Plain LoRA modules on the same rows go in together by one
-        matrix product (their factors side by side, each ``up`` scaled), so no change-sized tensor is
-        made and the rows are passed over once; other modules by their change, as ``__getitem__``
-        gives it."""
-        first = window[0] if window else 0
+        in the work dtype: float64, float32 on MPS) in place. Plain LoRA modules go in together by
+        ``plain_factors`` (no change-sized tensor is made, the rows are passed over once); other
+        modules by their change, as ``__getitem__`` gives it."""
+        for reader, alpha in changes:
+            for patch in reader._patches.get(key, []) if alpha else []:
+                if not _plain(patch):
+                    start, stop = patch.rows or (0, reader._specs[key].shape[0])
+                    target[start:stop].add_(reader._change(key, patch).to(target.device), alpha=alpha)
+        LoraReader.add_factors(target, LoraReader.plain_factors(key, changes, target.device, target.dtype))
+
+    @staticmethod
+    def plain_factors(
+        key: str, changes: list[tuple[LoraReader, float]], device: torch.device, dtype: torch.dtype
+    ) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]:
+        """The plain LoRA modules at ``key`` as one product per range of rows: ``(start, stop)`` ->
+        (``up``, ``down``), their factors side by side (each ``up`` scaled by its ``alpha`` x scale),
+        so that ``up @ down`` is those rows' whole change. Made once per key: a bake cut into row
+        pieces multiplies windows of them (``add_factors``)."""
         factors: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for reader, alpha in changes:
-            if alpha == 0:
-                continue
-            for patch in reader._patches.get(key, []):
-                rows = patch.rows or (0, reader._specs[key].shape[0])
-                start, stop = (max(rows[0], window[0]), min(rows[1], window[1])) if window else rows
-                if start >= stop:
-                    continue
-                there = slice(start - rows[0], stop - rows[0])  # the part of the patch's rows in the window
+            for patch in reader._patches.get(key, []) if alpha else []:
                 if _plain(patch):
                     module = patch.module
-                    up = reader._lora[module.parts["up"]].flatten(1)[there].to(target.device, target.dtype)
-                    down = reader._lora[module.parts["down"]].to(target.device, target.dtype).flatten(1)
-                    factors.setdefault((start - first, stop - first), []).append(
-                        (up * (alpha * reader._scales[module.name]), down)
-                    )
-                else:
-                    change = reader._change(key, patch)[there]
-                    target[start - first : stop - first].add_(change.to(target.device), alpha=alpha)
-        for (start, stop), pairs in factors.items():
-            up, down = torch.cat([u for u, _ in pairs], dim=1), torch.cat([d for _, d in pairs])
-            target[start:stop].view(up.shape[0], down.shape[1]).addmm_(up, down)
+                    up = reader._lora[module.parts["up"]].flatten(1).to(device, dtype)
+                    down = reader._lora[module.parts["down"]].to(device, dtype).flatten(1)
+                    rows = patch.rows or (0, reader._specs[key].shape[0])
+                    factors.setdefault(rows, []).append((up * (alpha * reader._scales[module.name]), down))
+        return {
+            rows: (torch.cat([up for up, _ in pairs], dim=1), torch.cat([down for _, down in pairs]))
+            for rows, pairs in factors.items()
+        }
+
+    @staticmethod
+    def add_factors(
+        target: torch.Tensor,
+        factors: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]],
+        window: tuple[int, int] | None = None,
+    ) -> None:
+        """Add ``up @ down`` of ``plain_factors`` into ``target`` in place, by one matrix
+        product per range of rows; with ``window``, ``target`` holds only those (start, stop) rows."""
+        first = window[0] if window else 0
+        for (start, stop), (up, down) in factors.items():
+            if window:
+                start, stop, up = _in_window(start, stop, up, window)
+            if start < stop:
+                target[start - first : stop - first].view(stop - start, down.shape[1]).addmm_(up, down)
 
     @staticmethod
     def splits_by_rows(key: str, changes: list[tuple[LoraReader, float]]) -> bool:
@@ -276,6 +291,12 @@ class LoraReader(CheckpointReader):
 
     def close(self) -> None:
         self._lora.close()  # the base checkpoint is the plan's to close
+
+
+def _in_window(start: int, stop: int, up: torch.Tensor, window: tuple[int, int]):
+    """The part of rows ``start:stop`` (and of their ``up``) inside ``window``."""
+    inside = max(start, window[0]), min(stop, window[1])
+    return *inside, up[inside[0] - start : inside[1] - start]
 
 
 def _plain(patch: _Patch) -> bool:
