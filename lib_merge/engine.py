@@ -29,7 +29,7 @@ import torch
 
 from .errors import CancelledError, IncompatibleModelsError, RequestError
 from .fp8_tables import Fp8Tables
-from .io.direct_writer import DirectIOUnsupported, DirectSafetensorsWriter
+from .io.direct_writer import DirectIOUnsupported, DirectSafetensorsWriter, memory_holds
 from .io.mapped_writer import MappedSafetensorsWriter, PreallocationUnsupported
 from .io.writer import CkptWriter, SafetensorsWriter, remove_leftovers
 from .plan import Job, Plan
@@ -219,13 +219,24 @@ def _open_writer(plan: Plan):
     remove_leftovers(plan.output.parent)
     if plan.output.suffix.lower() != ".safetensors":
         return CkptWriter(plan.output, specs, overwrite=overwrite)
-    # Past the page cache where the OS and filesystem can, else into a mapped file, else streamed.
-    for writer in (DirectSafetensorsWriter, MappedSafetensorsWriter):
+    # Past the page cache where the inputs fit in memory and the OS and filesystem can write so,
+    # else into a mapped file, else streamed.
+    writers = (DirectSafetensorsWriter, MappedSafetensorsWriter)
+    if not memory_holds(sum(_file_size(source.checkpoint.path) for source in plan.sources.values())):
+        writers = writers[1:]
+    for writer in writers:
         try:
             return writer(plan.output, specs, plan.metadata or None, overwrite=overwrite)
         except (DirectIOUnsupported, PreallocationUnsupported):
             pass
     return SafetensorsWriter(plan.output, specs, plan.metadata or None, overwrite=overwrite)
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 class _Prefetcher:

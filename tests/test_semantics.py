@@ -209,3 +209,25 @@ def direct_io_works(folder) -> bool:
         return True
     except DirectIOUnsupported:
         return False
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_the_output_goes_past_the_page_cache_only_when_the_inputs_fit_in_memory(host, models, monkeypatch, fits):
+    """Stand-in for inputs larger than the memory available (these are small): ``memory_holds`` is
+    told what the inputs weigh and answers ``fits``."""
+    from lib_merge import engine
+    from lib_merge.io import direct_writer, mapped_writer
+
+    if not direct_io_works(models):
+        pytest.skip("this filesystem cannot write past the page cache")
+    asked, placed = [], collections.Counter()
+    monkeypatch.setattr(engine, "memory_holds", lambda nbytes: asked.append(nbytes) or fits)
+    for writer in (direct_writer.DirectSafetensorsWriter, mapped_writer.MappedSafetensorsWriter):
+        monkeypatch.setattr(
+            writer,
+            "slot",
+            lambda w, key, slot=writer.slot, name=writer.__name__: placed.update([name]) or slot(w, key),
+        )
+    merge(MergeRequest("a.safetensors", "b.safetensors", custom_name="out"), host)
+    assert asked == [sum((models / name).stat().st_size for name in ("a.safetensors", "b.safetensors"))]
+    assert list(placed) == ["DirectSafetensorsWriter" if fits else "MappedSafetensorsWriter"]

@@ -11,6 +11,13 @@ back, to try it, comes from the disk).
 The file is preallocated as the mapped writer's is (the disk space is reserved before merging).
 Where the OS or the filesystem cannot write ``O_DIRECT`` (macOS, Windows, some tmpfs),
 ``DirectIOUnsupported`` is raised before anything is merged, and the caller maps the output instead.
+
+The engine uses it only where the inputs fit in the memory available (``memory_holds``). Past that,
+the inputs are read from the disk while the output is written, and the kernel, which holds back
+its own writeback while reads wait, does not hold back ``O_DIRECT`` writes: measured here (2 CPUs,
+24 GB), a cold Flux-size weighted sum took 78-84 s with this writer against 63-68 s through the page
+cache, and reading 6 GB while writing took 23 s against 13 s. A cold SDXL merge, whose inputs fit,
+took 19.6 s against 22.8 s mapped, and 15.7 CPU-seconds against 26.1.
 Commit and cleanup are ``TempFile``'s: nothing half-written is ever visible under the output's name.
 """
 
@@ -41,6 +48,16 @@ ALIGN = 4096  # O_DIRECT offsets, lengths and memory: a page, a multiple of ever
 BUFFER_BYTES = 32 << 20  # tensors larger than a buffer are computed elsewhere and copied through
 BUFFERS = 4  # one filling, the others being hashed and written
 O_DIRECT = getattr(os, "O_DIRECT", None)  # Linux, FreeBSD
+
+
+def memory_holds(nbytes: int) -> bool:
+    """Whether ``nbytes`` fit in the memory available now (Linux's MemAvailable; False elsewhere)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return nbytes <= int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return False
 
 
 class DirectIOUnsupported(Exception):
