@@ -219,10 +219,11 @@ def _open_writer(plan: Plan):
     remove_leftovers(plan.output.parent)
     if plan.output.suffix.lower() != ".safetensors":
         return CkptWriter(plan.output, specs, overwrite=overwrite)
-    # Past the page cache where the inputs fit in memory and the OS and filesystem can write so,
-    # else into a mapped file, else streamed.
+    # Past the page cache where the inputs and the output fit in memory together and the OS and
+    # filesystem can write so, else into a mapped file, else streamed.
     writers = (DirectSafetensorsWriter, MappedSafetensorsWriter)
-    if not memory_holds(sum(_file_size(source.checkpoint.path) for source in plan.sources.values())):
+    inputs = sum(_file_size(source.checkpoint.path) for source in plan.sources.values())
+    if not memory_holds(inputs + plan.output_bytes):
         writers = writers[1:]
     for writer in writers:
         try:

@@ -214,7 +214,7 @@ def direct_io_works(folder) -> bool:
 @pytest.mark.parametrize("fits", [True, False])
 def test_the_output_goes_past_the_page_cache_only_when_the_inputs_fit_in_memory(host, models, monkeypatch, fits):
     """Stand-in for inputs larger than the memory available (these are small): ``memory_holds`` is
-    told what the inputs weigh and answers ``fits``."""
+    told what the inputs and the output weigh and answers ``fits``."""
     from lib_merge import engine
     from lib_merge.io import direct_writer, mapped_writer
 
@@ -228,6 +228,7 @@ def test_the_output_goes_past_the_page_cache_only_when_the_inputs_fit_in_memory(
             "slot",
             lambda w, key, slot=writer.slot, name=writer.__name__: placed.update([name]) or slot(w, key),
         )
-    merge(MergeRequest("a.safetensors", "b.safetensors", custom_name="out"), host)
-    assert asked == [sum((models / name).stat().st_size for name in ("a.safetensors", "b.safetensors"))]
+    result = merge(MergeRequest("a.safetensors", "b.safetensors", custom_name="out"), host)
+    inputs = sum((models / name).stat().st_size for name in ("a.safetensors", "b.safetensors"))
+    assert asked == [inputs + result.path.stat().st_size]
     assert list(placed) == ["DirectSafetensorsWriter" if fits else "MappedSafetensorsWriter"]
