@@ -404,7 +404,7 @@ class _Compute:
         self.threads.use(1)
         if self._bake_pool is None:
             # Torch's thread count is per thread for its BLAS: a new thread's products would
-            # otherwise spread over every core (measured on 2 cores: half the GEMM throughput).
+            # otherwise run on every core (measured: 2 cores busy), beside the other bake threads.
             self._bake_pool = ThreadPoolExecutor(
                 threads - 1, thread_name_prefix="merge-lab-bake", initializer=torch.set_num_threads, initargs=(1,)
             )
