@@ -3,9 +3,9 @@
 Read, compute and write overlap: the next keys' input pages (``PREFETCH_BYTES`` ahead) are
 requested from the kernel while this key is computed on the main thread (a LoRA bake's rows on
 several: ``_Compute._bake``), straight into its place in the writer's staging buffer, which
-threads hash and write past the page cache (``io/direct_writer.py``), or, where the OS or the
-filesystem cannot, in the mapped output file (``io/mapped_writer.py``; elsewhere: into reused
-buffers, written by a thread).
+threads hash and write past the page cache (``io/direct_writer.py``, where the inputs and the
+output fit in memory), or else in the mapped output file (``io/mapped_writer.py``; where neither
+can be: into reused buffers, written by a thread).
 Arithmetic is in float64 on the CPU and CUDA (float32 on MPS, which has no float64), and the
 result is rounded once to the output dtype (``precision.rounding``: with a chosen precision to
 nearest, ties to even, fp8 saturating; else torch's conversion, as before), so every value is

@@ -38,6 +38,20 @@ def test_writer_output_is_read_back_identically_by_the_safetensors_library(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
 
 
+def add_to_both(tensors, streamed, placing) -> list[str]:
+    """Each tensor to the streaming writer, and to ``placing`` in its slot where it offers one (the
+    keys so placed) or as it is."""
+    in_place = []
+    for key, tensor in tensors.items():
+        streamed.add(key, tensor)
+        slot = placing.slot(key)
+        if slot is not None:
+            slot.copy_(tensor)
+            in_place.append(key)
+        placing.add(key, tensor if slot is None else slot)
+    return in_place
+
+
 def test_the_mapped_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path):
     """Tensors computed into their slots, copied in (misaligned for their dtype), and empty."""
     tensors = {
@@ -50,14 +64,7 @@ def test_the_mapped_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path):
     specs = [(k, TensorSpec(v.dtype, tuple(v.shape))) for k, v in tensors.items()]
     streamed = SafetensorsWriter(tmp_path / "streamed.safetensors", specs, {"k": "v"})
     mapped = MappedSafetensorsWriter(tmp_path / "mapped.safetensors", specs, {"k": "v"})
-    in_place = []
-    for key, tensor in tensors.items():
-        streamed.add(key, tensor)
-        slot = mapped.slot(key)
-        if slot is not None:
-            slot.copy_(tensor)
-            in_place.append(key)
-        mapped.add(key, tensor if slot is None else slot)
+    in_place = add_to_both(tensors, streamed, mapped)
     assert in_place == ["odd", "bf16"]  # f32 and i64 land misaligned here, empty has no bytes
     assert mapped.finish() == streamed.finish()
     assert (tmp_path / "mapped.safetensors").read_bytes() == (tmp_path / "streamed.safetensors").read_bytes()
@@ -87,14 +94,7 @@ def test_the_direct_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path, 
     specs = [(k, TensorSpec(v.dtype, tuple(v.shape))) for k, v in tensors.items()]
     streamed = SafetensorsWriter(tmp_path / "streamed.safetensors", specs, {"k": "v"})
     direct = direct_writer_or_skip(tmp_path / "direct.safetensors", specs, {"k": "v"})
-    in_place = []
-    for key, tensor in tensors.items():
-        streamed.add(key, tensor)
-        slot = direct.slot(key)
-        if slot is not None:
-            slot.copy_(tensor)
-            in_place.append(key)
-        direct.add(key, tensor if slot is None else slot)
+    in_place = add_to_both(tensors, streamed, direct)
     assert in_place == ["odd", "bf16", *(f"page{i}" for i in range(5))]  # f32 and i64 land misaligned
     assert direct.finish() == streamed.finish()
     written = (tmp_path / "direct.safetensors").read_bytes()

@@ -38,7 +38,7 @@ import torch
 from ..errors import OutputError
 from .mapped_writer import preallocate
 from .readers import TensorSpec
-from .writer import Release, TempFile, safetensors_header, tensor_bytes, write_failure
+from .writer import Release, TempFile, safetensors_header, tensor_bytes, tensor_starts, write_failure
 
 try:
     import fcntl
@@ -80,12 +80,8 @@ class DirectSafetensorsWriter:
     ):
         header = safetensors_header(specs, metadata)
         self._specs = list(specs)
-        self._starts: list[int] = []
-        offset = len(header)
-        for _, spec in self._specs:
-            self._starts.append(offset)
-            offset += spec.nbytes
-        self._size = offset
+        self._starts, size = tensor_starts(self._specs, len(header))
+        self._size = size
         self._next = 0
         self._error: BaseException | None = None
         self._stop = threading.Event()

@@ -1,6 +1,7 @@
 """A safetensors writer whose tensors are computed straight into the output file's pages.
 
-Used where the output cannot be written past the page cache (``direct_writer.py``: no O_DIRECT).
+Used where the output is not written past the page cache (``direct_writer.py``): the inputs and the
+output do not fit in memory together, or the OS or the filesystem has no O_DIRECT.
 
 The temp file is preallocated at its final size (``fallocate``: the disk space is reserved before
 any merging, so a disk that fills up later cannot break the merge) and mapped shared; the engine
@@ -28,7 +29,7 @@ import torch
 from ..errors import OutputError
 from . import writer
 from .readers import TensorSpec
-from .writer import WRITEBACK_BYTES, Release, TempFile, libc_function, safetensors_header
+from .writer import WRITEBACK_BYTES, Release, TempFile, libc_function, safetensors_header, tensor_starts
 
 POPULATE_AHEAD_BYTES = 64 << 20  # how far ahead of the arithmetic new pages are faulted in
 
@@ -52,18 +53,14 @@ class MappedSafetensorsWriter:
     ):
         header = safetensors_header(specs, metadata)
         self._specs = list(specs)
-        self._starts: list[int] = []
-        offset = len(header)
-        for _, spec in self._specs:
-            self._starts.append(offset)
-            offset += spec.nbytes
+        self._starts, size = tensor_starts(self._specs, len(header))
         self._next = 0
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._file = TempFile(Path(path), overwrite, readable=True)
         try:
-            preallocate(self._file, offset)
-            self._map = _map(self._file.fd, offset)
+            preallocate(self._file, size)
+            self._map = _map(self._file.fd, size)
         except BaseException:
             self._file.discard()
             raise

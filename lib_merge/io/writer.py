@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -51,6 +52,13 @@ def safetensors_header(specs: Sequence[tuple[str, TensorSpec]], metadata: dict[s
     body = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     body += b" " * (-len(body) % 8)  # keeps the data 8-byte aligned
     return len(body).to_bytes(8, "little") + body
+
+
+def tensor_starts(specs: Sequence[tuple[str, TensorSpec]], header_size: int) -> tuple[list[int], int]:
+    """Each tensor's offset in a safetensors file whose header takes ``header_size`` bytes, and the
+    file's size."""
+    offsets = list(itertools.accumulate((spec.nbytes for _, spec in specs), initial=header_size))
+    return offsets[:-1], offsets[-1]
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
