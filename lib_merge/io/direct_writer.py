@@ -5,8 +5,8 @@ then written back: for an SDXL LoRA bake on 2 cores that was about 11 of its 58 
 the cores the arithmetic needs. Here the engine computes each tensor into a staging buffer
 (``slot``) when it fits, else hands it over to be copied there; each full buffer is hashed by one
 thread and written straight to the disk by another, then comes back to be filled again. Memory
-holds ``BUFFERS`` buffers of ``BUFFER_BYTES``; the output is not left in the page cache (reading it
-back, to try it, comes from the disk).
+holds ``BUFFERS`` buffers of ``BUFFER_BYTES``; the output is not left in the page cache (loading it
+afterwards reads it from the disk).
 
 The file is preallocated as the mapped writer's is (the disk space is reserved before merging).
 Where the OS or the filesystem cannot write ``O_DIRECT`` (macOS, Windows, some tmpfs),
