@@ -38,7 +38,16 @@ import torch
 from ..errors import OutputError
 from .mapped_writer import preallocate
 from .readers import TensorSpec
-from .writer import Release, TempFile, safetensors_header, tensor_bytes, tensor_starts, write_failure
+from .writer import (
+    Release,
+    TempFile,
+    check_all_added,
+    expected_spec,
+    safetensors_header,
+    tensor_bytes,
+    tensor_starts,
+    write_failure,
+)
 
 try:
     import fcntl
@@ -124,11 +133,7 @@ class DirectSafetensorsWriter:
         """Take the next tensor: already in place when it came from ``slot``, else copied in."""
         try:
             self._raise_if_failed()
-            expected_key, spec = self._specs[self._next]
-            if key != expected_key or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                raise ValueError(
-                    f"writer expected {expected_key} {spec}, got {key} {tensor.dtype} {tuple(tensor.shape)}"
-                )
+            spec = expected_spec(self._specs, self._next, key, tensor)
             if spec.nbytes and self._is_in_place(tensor):
                 self._fill += spec.nbytes
             elif spec.nbytes:
@@ -139,8 +144,7 @@ class DirectSafetensorsWriter:
                 release()
 
     def finish(self) -> str:
-        if self._next != len(self._specs):
-            raise ValueError(f"writer got {self._next} of {len(self._specs)} tensors")
+        check_all_added(self._specs, self._next)
         if self._fill:
             padded = -(-self._fill // ALIGN) * ALIGN
             self._buffers[self._current][self._fill : padded] = bytes(padded - self._fill)

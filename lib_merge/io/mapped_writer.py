@@ -29,7 +29,16 @@ import torch
 from ..errors import OutputError
 from . import writer
 from .readers import TensorSpec
-from .writer import WRITEBACK_BYTES, Release, TempFile, libc_function, safetensors_header, tensor_starts
+from .writer import (
+    WRITEBACK_BYTES,
+    Release,
+    TempFile,
+    check_all_added,
+    expected_spec,
+    libc_function,
+    safetensors_header,
+    tensor_starts,
+)
 
 POPULATE_AHEAD_BYTES = 64 << 20  # how far ahead of the arithmetic new pages are faulted in
 
@@ -90,11 +99,7 @@ class MappedSafetensorsWriter:
         """Take the next tensor: already in place when it came from ``slot``, else copied there."""
         try:
             self._raise_if_failed()
-            expected_key, spec = self._specs[self._next]
-            if key != expected_key or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                raise ValueError(
-                    f"writer expected {expected_key} {spec}, got {key} {tensor.dtype} {tuple(tensor.shape)}"
-                )
+            spec = expected_spec(self._specs, self._next, key, tensor)
             start = self._starts[self._next]
             if spec.nbytes and not self._is_in_place(tensor, start):
                 place = torch.frombuffer(self._map, dtype=torch.uint8, count=spec.nbytes, offset=start)
@@ -106,8 +111,7 @@ class MappedSafetensorsWriter:
                 release()
 
     def finish(self) -> str:
-        if self._next != len(self._specs):
-            raise ValueError(f"writer got {self._next} of {len(self._specs)} tensors")
+        check_all_added(self._specs, self._next)
         self._join()
         self._raise_if_failed()
         digest = self._file.commit()

@@ -61,6 +61,19 @@ def tensor_starts(specs: Sequence[tuple[str, TensorSpec]], header_size: int) -> 
     return offsets[:-1], offsets[-1]
 
 
+def expected_spec(specs: Sequence[tuple[str, TensorSpec]], index: int, key: str, tensor: torch.Tensor) -> TensorSpec:
+    """The spec of tensor number ``index``, or a ValueError when ``key`` and ``tensor`` are not it."""
+    expected_key, spec = specs[index]
+    if key != expected_key or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+        raise ValueError(f"writer expected {expected_key} {spec}, got {key} {tensor.dtype} {tuple(tensor.shape)}")
+    return spec
+
+
+def check_all_added(specs: Sequence[tuple[str, TensorSpec]], added: int) -> None:
+    if added != len(specs):
+        raise ValueError(f"writer got {added} of {len(specs)} tensors")
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of a contiguous tensor, without a copy."""
     return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
@@ -239,15 +252,12 @@ class SafetensorsWriter:
     def add(self, key: str, tensor: torch.Tensor, release: Release | None = None) -> None:
         """Queue the next tensor; ``release`` is called once its bytes are written and hashed."""
         self._raise_if_failed()
-        expected_key, spec = self._specs[self._next]
-        if key != expected_key or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ValueError(f"writer expected {expected_key} {spec}, got {key} {tensor.dtype} {tuple(tensor.shape)}")
+        expected_spec(self._specs, self._next, key, tensor)
         self._next += 1
         self._put(tensor_bytes(tensor.contiguous()), release)
 
     def finish(self) -> str:
-        if self._next != len(self._specs):
-            raise ValueError(f"writer got {self._next} of {len(self._specs)} tensors")
+        check_all_added(self._specs, self._next)
         self._join()
         self._raise_if_failed()
         return self._file.commit()
