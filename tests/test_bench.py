@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from math import prod
 from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run_cli
 
 from lib_merge import bench, synthetic
 from lib_merge.arch import family_of
@@ -139,7 +139,7 @@ def test_an_oom_row_is_printed_not_raised(capsys):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "lib_merge", "bench", *map(str, args)], capture_output=True, text=True)
+    return run_cli("bench", *args)
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from cli_runner import run_cli
 
 from lib_merge import bench_lora, synthetic
 from lib_merge.lora.kohya import layer_modules
@@ -148,8 +149,7 @@ def test_refused_options_name_themselves(tmp_path, args, message):
 
 
 def test_the_merge_bench_takes_one_arch(tmp_path):
-    command = [sys.executable, "-m", "lib_merge", "bench", "--arch", "sd15,sdxl", "--work", str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = run_cli("bench", "--arch", "sd15,sdxl", "--work", tmp_path)
     assert done.returncode == 1 and "--arch: one at a time" in done.stderr
 
 

@@ -1,18 +1,16 @@
-"""The command line end to end, in a subprocess, on real files."""
+"""The command line end to end on real files: in this process (``run_cli``), and as ``python -m
+lib_merge`` in a child process where the process itself is tested (``spawn_cli``)."""
 
 import hashlib
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_cli, spawn_cli
 from conftest import SDXL, make
 
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lib_merge", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+cli = run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +20,7 @@ def private_hash_cache(tmp_path, monkeypatch):
 
 def test_merge_prints_the_output_and_its_sha256(models, tmp_path):
     out = tmp_path / "merged.safetensors"
-    done = cli("merge", models / "a.safetensors", models / "b.safetensors", "--alpha", "0.5", "-o", out, "--half")
+    done = spawn_cli("merge", models / "a.safetensors", models / "b.safetensors", "--alpha", "0.5", "-o", out, "--half")
     assert done.returncode == 0, done.stderr
     path, sha_line = done.stdout.strip().splitlines()
     assert path == str(out)
@@ -103,7 +101,9 @@ def test_existing_output_and_inputs_are_protected(models, tmp_path):
 
 
 def test_missing_input_names_the_file(tmp_path):
-    done = cli("merge", tmp_path / "nope.safetensors", tmp_path / "nope2.safetensors", "-o", tmp_path / "x.safetensors")
+    done = spawn_cli(
+        "merge", tmp_path / "nope.safetensors", tmp_path / "nope2.safetensors", "-o", tmp_path / "x.safetensors"
+    )
     assert done.returncode == 1 and "nope.safetensors: no such checkpoint" in done.stderr
 
 
@@ -115,9 +115,10 @@ def test_demo_makes_and_merges_two_checkpoints(tmp_path):
 
 
 def test_bench_runs_and_prints_ratios(tmp_path):
-    # The builtin cases and one recipe tree (TIES's tree is timed the same way, at twice the cost).
+    # The builtin cases and one recipe tree (TIES's tree is timed the same way, at twice the cost);
+    # a cold cache has no warm-up round: each contender's interpreter (a torch import) starts once.
     done = cli("bench", "--max-dim", "64", "--repeats", "1", "--scenarios", "builtin,soup", "--work", tmp_path / "bench",
-               "--no-fsync")  # fmt: skip
+               "--no-fsync", "--cache", "cold")  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert re.search(r"^soup +[0-9.]+ +[0-9.]+ +[0-9.]+ ", done.stdout, re.M), done.stdout
     rows = {
@@ -176,7 +177,9 @@ def test_a_method_is_taken_as_recipes_the_cli_and_the_tab_spell_it(models, tmp_p
 
 
 def test_an_unknown_method_is_refused_listing_the_known_ones(models, tmp_path):
-    done = cli("merge", models / "a.safetensors", models / "b.safetensors", "--method", "ta", "-o", tmp_path / "x")
+    done = spawn_cli(
+        "merge", models / "a.safetensors", models / "b.safetensors", "--method", "ta", "-o", tmp_path / "x"
+    )
     assert done.returncode == 2 and "unknown merge method 'ta'" in done.stderr and "task-arithmetic" in done.stderr
 
 

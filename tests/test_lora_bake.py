@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_cli
 from conftest import SD15, UNET_IN, assert_within_one_ulp, load, make, variant_specs
 from make_lora import (
     SD15_KOHYA,
@@ -341,8 +340,7 @@ def test_flux_kohya_names_map_onto_bfl_keys_and_flux_dev_is_not_read_as_schnell(
 # ---------------------------------------------------------------- the command line
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "lib_merge", *map(str, args)], capture_output=True, text=True)
+cli = run_cli  # the command line in this process (see cli_runner.py)
 
 
 def test_cli_bakes_prints_path_and_sha256_and_never_overwrites(tmp_path):

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from cli_runner import run_cli
 from conftest import SD15, load, make
 from make_lora import (
     SD2_KOHYA,
@@ -347,8 +346,7 @@ def test_an_existing_output_is_kept_and_an_input_never_overwritten(tmp_path):
 # ---------------------------------------------------------------- the command line
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "lib_merge", *map(str, args)], capture_output=True, text=True)
+cli = run_cli  # the command line in this process (see cli_runner.py)
 
 
 def test_cli_extracts_prints_path_and_sha256_and_refuses_in_one_line(tmp_path, capsys):

@@ -7,11 +7,9 @@ with norm_out's two halves traded; the table below is written out by hand, not t
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from cli_runner import run_cli
 from conftest import assert_within_one_ulp, load, make
 from make_lora import baked, lora_file, lora_module, save
 from transformer_layouts import FLUX_TINY_DIMS, UNET, flux_specs, sd3_keys, tiny_specs
@@ -209,11 +207,7 @@ def test_cli_bakes_a_diffusers_flux_lora(tmp_path):
     checkpoint = make(tmp_path / "flux.safetensors", specs, seed=6)
     lora, names = _lora(tmp_path / "style.safetensors", specs, UNET, "peft", seed=6)
     out = tmp_path / "baked.safetensors"
-    done = subprocess.run(
-        [sys.executable, "-m", "lib_merge", "lora", "bake", str(checkpoint), f"{lora}:0.7", "-o", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    done = run_cli("lora", "bake", checkpoint, f"{lora}:0.7", "-o", out)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == str(out)
     _check(load(out), load(checkpoint), _expected(lora, names, specs, UNET), 0.7)

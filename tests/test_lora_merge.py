@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_runner import run_cli
 from conftest import SD15, load, make
 from make_lora import (
     SD15_KOHYA,
@@ -245,23 +244,7 @@ def test_cli_merges_and_refuses_in_one_line(tmp_path, capsys, checkpoint):
     one = kohya_lora(tmp_path / "one.safetensors", SD15_KOHYA, SD15, seed=1, rank=2, alpha=2.0)
     two = kohya_lora(tmp_path / "two.safetensors", SD15_KOHYA, SD15, seed=2, rank=2, alpha=2.0)
     out = tmp_path / "merged.safetensors"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lib_merge",
-            "lora",
-            "merge",
-            f"{one}:0.5",
-            f"{two}:-2",
-            "-o",
-            str(out),
-            "--dtype",
-            "fp32",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    done = run_cli("lora", "merge", f"{one}:0.5", f"{two}:-2", "-o", out, "--dtype", "fp32")
     assert done.returncode == 0, done.stderr
     path, sha_line = done.stdout.strip().splitlines()
     assert path == str(out) and sha_line == f"sha256 {hashlib.sha256(out.read_bytes()).hexdigest()}"

@@ -3,11 +3,9 @@ from its own recipe, and LoRA names resolve in the LoRA folder only."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from cli_runner import run_cli
 from conftest import SD15, assert_within_one_ulp, load, make
 from make_lora import SD15_KOHYA, kohya_lora
 
@@ -80,31 +78,12 @@ def test_a_baked_file_replays_from_its_own_recipe_byte_for_byte(folders, tmp_pat
     first = merge(request_from_recipe(SOUP_AND_LORA, custom_name="soup-style"), host)
     again = tmp_path / "replayed.safetensors"
     folders_given = ["--models", str(models), "--loras", str(loras)]
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lib_merge",
-            "replay",
-            str(first.path),
-            *folders_given,
-            "--device",
-            "cpu",
-            "-o",
-            str(again),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    done = run_cli("replay", first.path, *folders_given, "--device", "cpu", "-o", again)
     assert done.returncode == 0, done.stderr
     assert again.read_bytes() == first.path.read_bytes()
     # Without the LoRA folder the LoRA is not found among the models: refused, naming it, nothing written.
     missing = tmp_path / "missing.safetensors"
-    refused = subprocess.run(
-        [sys.executable, "-m", "lib_merge", "replay", str(first.path), "--models", str(models), "-o", str(missing)],
-        capture_output=True,
-        text=True,
-    )
+    refused = run_cli("replay", first.path, "--models", models, "-o", missing)
     assert refused.returncode == 1 and "style.safetensors: no such LoRA" in refused.stderr
     assert not missing.exists()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from cli_runner import run_cli
 from conftest import make
 
 from lib_merge import FolderHost, MergeRequest, actions, merge
@@ -90,14 +91,12 @@ def test_the_cli_host_still_takes_paths(models, tmp_path):
     assert host.resolve(str(outside)).path == outside
 
 
-def test_the_cli_merges_files_named_by_path_anywhere(tmp_path):
+def test_the_cli_merges_files_named_by_path_anywhere(tmp_path, monkeypatch):
     a, b = make(tmp_path / "one" / "a.safetensors", seed=1), make(tmp_path / "two" / "b.safetensors", seed=2)
     output = tmp_path / "three" / "m.safetensors"
     output.parent.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-m", "lib_merge", "merge", str(a), str(b), "-o", str(output)],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "c")},
-    )  # fmt: skip
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "c"))
+    done = run_cli("merge", a, b, "-o", output, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert output.is_file()
 
