@@ -1,11 +1,13 @@
 """The merge loop: for each output key, the method on the device, then the writer.
 
-Read, compute and write overlap: the next keys' input pages (``PREFETCH_BYTES`` ahead) are
-requested from the kernel while this key is computed on the main thread (a LoRA bake's rows on
-several: ``_Compute._bake``), straight into its place in the writer's staging buffer, which
-threads hash and write past the page cache (``io/direct_writer.py``, where the inputs and the
-output fit in memory), or else in the mapped output file (``io/mapped_writer.py``; where neither
-can be: into reused buffers, written by a thread).
+Read, compute and write overlap: the next keys' inputs (``PREFETCH_BYTES`` ahead) are asked for
+while this key is computed on the main thread (a LoRA bake's rows on several: ``_Compute._bake``),
+straight into its place in the writer's staging buffer, which threads hash and write
+(``io/staged_writer.py``). Where the inputs and the output fit in the memory available, the inputs
+come through the page cache (the kernel reads them ahead) and the output is written past it, or
+into a mapped file (``io/mapped_writer.py``) where the OS cannot; where they do not fit (Flux on
+24 GB), the inputs are read past the page cache by a thread each (``io/direct_reads.py``) and the
+output written through it. Without fallocate: into reused buffers, written by a thread.
 Arithmetic is in float64 on the CPU and CUDA (float32 on MPS, which has no float64), and the
 result is rounded once to the output dtype (``precision.rounding``: with a chosen precision to
 nearest, ties to even, fp8 saturating; else torch's conversion, as before), so every value is
@@ -22,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import pairwise
 from pathlib import Path
 
@@ -29,8 +32,8 @@ import torch
 
 from .errors import CancelledError, IncompatibleModelsError, RequestError
 from .fp8_tables import Fp8Tables
-from .io.direct_writer import DirectIOUnsupported, DirectSafetensorsWriter, memory_holds
 from .io.mapped_writer import MappedSafetensorsWriter, PreallocationUnsupported
+from .io.staged_writer import DirectIOUnsupported, StagedSafetensorsWriter, memory_holds
 from .io.writer import CkptWriter, SafetensorsWriter, remove_leftovers
 from .plan import Job, Plan
 from .precision import rounding
@@ -89,7 +92,12 @@ def run(
     """Write the plan's output; returns its sha256 and notes (e.g. tensors moved to the CPU)."""
     plan.check()
     compute = _Compute(plan, usable_device(device))  # a bad device is refused before a temp file exists
-    return _loop(plan, compute, _open_writer(plan), progress, should_stop)
+    inputs = sum(_file_size(source.checkpoint.path) for source in plan.sources.values())
+    fits = memory_holds(inputs + plan.output_bytes)
+    if not fits:
+        for source in plan.sources.values():
+            source.reader.read_past_cache()
+    return _loop(plan, compute, _open_writer(plan, fits), progress, should_stop)
 
 
 def run_into(
@@ -212,19 +220,21 @@ def usable_device(name: str) -> torch.device:
     return device
 
 
-def _open_writer(plan: Plan):
+def _open_writer(plan: Plan, fits: bool):
+    """The output's writer; ``fits``: the inputs and the output fit in the memory available."""
     specs = [(job.key, job.spec) for job in plan.jobs]
     overwrite = plan.request.overwrite
     # Temp files of merges killed earlier (kill -9, a crash) would hold their full size forever.
     remove_leftovers(plan.output.parent)
     if plan.output.suffix.lower() != ".safetensors":
         return CkptWriter(plan.output, specs, overwrite=overwrite)
-    # Past the page cache where the inputs and the output fit in memory together and the OS and
-    # filesystem can write so, else into a mapped file, else streamed.
-    writers = (DirectSafetensorsWriter, MappedSafetensorsWriter)
-    inputs = sum(_file_size(source.checkpoint.path) for source in plan.sources.values())
-    if not memory_holds(inputs + plan.output_bytes):
-        writers = writers[1:]
+    # Where they fit: past the page cache where the OS and the filesystem can write so, else into
+    # a mapped file. Where they do not: from staging buffers through the page cache (see
+    # staged_writer.py). Without fallocate: streamed.
+    if fits:
+        writers = (StagedSafetensorsWriter, MappedSafetensorsWriter)
+    else:
+        writers = (partial(StagedSafetensorsWriter, past_cache=False),)
     for writer in writers:
         try:
             return writer(plan.output, specs, plan.metadata or None, overwrite=overwrite)

@@ -7,7 +7,7 @@ import torch
 from conftest import load
 
 from lib_merge import CancelledError, MergeRequest, merge
-from lib_merge.io import direct_writer, mapped_writer
+from lib_merge.io import mapped_writer, staged_writer
 from lib_merge.recipe import MergeNode, ModelRef
 
 
@@ -51,7 +51,7 @@ def test_torch_gets_its_threads_back_after_a_cancel_too(host, models, threads):
 def test_a_kernel_that_cannot_make_pages_ahead_gives_the_same_file(host, models, monkeypatch):
     """Stand-ins: an OS without O_DIRECT, so the output is mapped, and a kernel older than 5.14,
     where madvise(MADV_POPULATE_WRITE) fails (this one has both)."""
-    monkeypatch.setattr(direct_writer, "O_DIRECT", None)
+    monkeypatch.setattr(staged_writer, "O_DIRECT", None)
     ahead = merge(MergeRequest("a.safetensors", "b.safetensors", custom_name="ahead"), host)
     calls = []
     monkeypatch.setattr(mapped_writer, "_MADVISE", lambda *args: calls.append(args) or -1)

@@ -12,11 +12,11 @@ import torch
 from conftest import SD15, make
 
 from lib_merge import InputError, OutputError, UnsafePickleError
-from lib_merge.io import direct_writer
-from lib_merge.io.direct_writer import ALIGN, DirectIOUnsupported, DirectSafetensorsWriter
+from lib_merge.io import staged_writer
 from lib_merge.io.formats import open_checkpoint
 from lib_merge.io.mapped_writer import MappedSafetensorsWriter
 from lib_merge.io.readers import TensorSpec
+from lib_merge.io.staged_writer import ALIGN, DirectIOUnsupported, StagedSafetensorsWriter
 from lib_merge.io.writer import CkptWriter, SafetensorsWriter
 
 
@@ -71,17 +71,17 @@ def test_the_mapped_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mapped.safetensors", "streamed.safetensors"]
 
 
-def direct_writer_or_skip(path, specs, metadata=None) -> DirectSafetensorsWriter:
+def staged_writer_or_skip(path, specs, metadata=None) -> StagedSafetensorsWriter:
     try:
-        return DirectSafetensorsWriter(path, specs, metadata)
+        return StagedSafetensorsWriter(path, specs, metadata)
     except DirectIOUnsupported as err:
         pytest.skip(f"this filesystem cannot write past the page cache: {err}")
 
 
-def test_the_direct_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path, monkeypatch):
+def test_the_staged_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path, monkeypatch):
     """Buffers of 3 pages, so tensors cross them: computed into their slots (some after a buffer was
     handed over), copied in (misaligned for their dtype, or larger than a buffer), and empty."""
-    monkeypatch.setattr(direct_writer, "BUFFER_BYTES", 3 * ALIGN)
+    monkeypatch.setattr(staged_writer, "BUFFER_BYTES", 3 * ALIGN)
     tensors = {
         "odd": torch.randn(3).half(),  # 6 bytes: the next float32 starts misaligned
         "f32": torch.randn(5, 2),
@@ -93,7 +93,7 @@ def test_the_direct_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path, 
     }
     specs = [(k, TensorSpec(v.dtype, tuple(v.shape))) for k, v in tensors.items()]
     streamed = SafetensorsWriter(tmp_path / "streamed.safetensors", specs, {"k": "v"})
-    direct = direct_writer_or_skip(tmp_path / "direct.safetensors", specs, {"k": "v"})
+    direct = staged_writer_or_skip(tmp_path / "direct.safetensors", specs, {"k": "v"})
     in_place = add_to_both(tensors, streamed, direct)
     assert in_place == ["odd", "bf16", *(f"page{i}" for i in range(5))]  # f32 and i64 land misaligned
     assert direct.finish() == streamed.finish()
@@ -105,9 +105,9 @@ def test_the_direct_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path, 
 def test_a_failed_direct_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
     """Stand-in for a disk that fails once its space is reserved (an I/O error): pwrite fails past
     the first buffer."""
-    monkeypatch.setattr(direct_writer, "BUFFER_BYTES", 2 * ALIGN)
+    monkeypatch.setattr(staged_writer, "BUFFER_BYTES", 2 * ALIGN)
     specs = [(f"t{i}", TensorSpec(torch.float32, (1024,))) for i in range(8)]
-    writer = direct_writer_or_skip(tmp_path / "x.safetensors", specs)
+    writer = staged_writer_or_skip(tmp_path / "x.safetensors", specs)
     real_pwrite = os.pwrite
 
     def failing(fd, data, offset):
@@ -130,7 +130,7 @@ def test_the_writers_that_place_tensors_leave_nothing_when_aborted(tmp_path, kin
     if kind == "mapped":
         writer = MappedSafetensorsWriter(tmp_path / "x.safetensors", specs, None)
     else:
-        writer = direct_writer_or_skip(tmp_path / "x.safetensors", specs)
+        writer = staged_writer_or_skip(tmp_path / "x.safetensors", specs)
     writer.slot("a").fill_(1)
     writer.add("a", writer.slot("a"))
     with pytest.raises(ValueError, match="writer expected b"):
@@ -218,3 +218,76 @@ def test_missing_and_folder_inputs(tmp_path):
     (tmp_path / "dir.safetensors").mkdir()
     with pytest.raises(InputError, match="is a folder"):
         open_checkpoint(tmp_path / "dir.safetensors")
+
+
+# ---------------------------------------------------------------- inputs read past the page cache
+
+# Tensors of sizes that are not multiples of a page, so most start and end mid-page.
+DIRECT_SPECS = {f"block.{index}.weight": TensorSpec(torch.float32, (37 + index, 61)) for index in range(8)}
+
+
+def direct_reader(path, monkeypatch):
+    """A reader of ``path`` reading every tensor past the page cache (the test's are all small)."""
+    from lib_merge.io import readers
+
+    monkeypatch.setattr(readers, "SMALL_BYTES", 1)
+    reader = open_checkpoint(path)
+    if not reader.read_past_cache():
+        pytest.skip("this filesystem cannot read past the page cache")
+    return reader
+
+
+def test_tensors_read_past_the_page_cache_are_the_stored_ones_asked_ahead_or_not(tmp_path, monkeypatch):
+    path = make(tmp_path / "m.safetensors", specs=DIRECT_SPECS, seed=3)
+    stored = safetensors.torch.load_file(str(path))
+    with direct_reader(path, monkeypatch) as reader:
+        keys = list(DIRECT_SPECS)
+        for key in keys[::2]:
+            reader.prefetch(key)  # asked ahead: read by the reader's thread
+        for key in keys:
+            assert torch.equal(reader[key], stored[key]), key
+        assert torch.equal(reader[keys[0]], stored[keys[0]])  # taken twice: read again
+
+
+def test_a_buffer_is_reused_only_once_no_tensor_views_it(tmp_path, monkeypatch):
+    from lib_merge.io import direct_reads
+
+    monkeypatch.setattr(direct_reads, "GRAIN", ALIGN)  # every tensor here takes the same buffer size
+    path = make(tmp_path / "m.safetensors", specs=DIRECT_SPECS, seed=4)
+    stored = safetensors.torch.load_file(str(path))
+    made = []
+    real = direct_reads.mmap.mmap
+    monkeypatch.setattr(direct_reads.mmap, "mmap", lambda fd, *a, **k: made.append(fd == -1) or real(fd, *a, **k))
+    with direct_reader(path, monkeypatch) as reader:
+        held = reader["block.0.weight"]
+        for _ in range(3):
+            for key in list(DIRECT_SPECS)[1:4]:
+                assert torch.equal(reader[key], stored[key])
+        # The held tensor kept its buffer; the others, dropped at once, shared a few buffers.
+        assert torch.equal(held, stored["block.0.weight"])
+        assert sum(made) <= 4  # anonymous maps: the buffers (and the probe)
+
+
+def test_without_o_direct_the_reader_stays_on_its_memory_map(tmp_path, monkeypatch):
+    from lib_merge.io import direct_reads
+
+    monkeypatch.setattr(direct_reads, "O_DIRECT", None)
+    path = make(tmp_path / "m.safetensors", specs=DIRECT_SPECS, seed=5)
+    with open_checkpoint(path) as reader:
+        assert reader.read_past_cache() is False
+        assert torch.equal(reader["block.1.weight"], safetensors.torch.load_file(str(path))["block.1.weight"])
+
+
+def test_a_failed_read_past_the_page_cache_names_the_file(tmp_path, monkeypatch):
+    """Stand-in for a disk error: preadv fails with EIO once the reader is set up."""
+    path = make(tmp_path / "m.safetensors", specs=DIRECT_SPECS, seed=6)
+    with direct_reader(path, monkeypatch) as reader:
+
+        def broken(*args):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        monkeypatch.setattr(os, "preadv", broken)
+        reader.prefetch("block.2.weight")
+        for key in ("block.2.weight", "block.3.weight"):  # asked ahead, and not
+            with pytest.raises(InputError, match=r"m\.safetensors: cannot be read \(Input/output error\)"):
+                reader[key]

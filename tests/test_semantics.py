@@ -173,10 +173,10 @@ def test_past_the_page_cache_mapped_or_streamed_the_output_is_the_same(host, mod
     """The second merge stands in for an OS or filesystem without O_DIRECT (this one has it, unless
     the first merge maps too), where the engine computes into the mapped output file; the third for
     one that cannot preallocate either, where it streams with write()."""
-    from lib_merge.io import direct_writer, mapped_writer
+    from lib_merge.io import mapped_writer, staged_writer
 
     slots = collections.Counter()
-    for writer in (direct_writer.DirectSafetensorsWriter, mapped_writer.MappedSafetensorsWriter):
+    for writer in (staged_writer.StagedSafetensorsWriter, mapped_writer.MappedSafetensorsWriter):
         monkeypatch.setattr(
             writer,
             "slot",
@@ -185,9 +185,9 @@ def test_past_the_page_cache_mapped_or_streamed_the_output_is_the_same(host, mod
     request = MergeRequest(
         "a.safetensors", "b.safetensors", custom_name="out", multiplier=0.3, save_as_half=save_as_half, overwrite=True
     )
-    first = "DirectSafetensorsWriter" if direct_io_works(models) else "MappedSafetensorsWriter"
+    first = "StagedSafetensorsWriter" if direct_io_works(models) else "MappedSafetensorsWriter"
     outputs = []
-    for stand_in in (None, (direct_writer, "O_DIRECT"), (mapped_writer, "_FALLOCATE")):
+    for stand_in in (None, (staged_writer, "O_DIRECT"), (mapped_writer, "_FALLOCATE")):
         if stand_in is not None:
             monkeypatch.setattr(*stand_in, None)
         result = merge(request, host)
@@ -202,33 +202,46 @@ def test_past_the_page_cache_mapped_or_streamed_the_output_is_the_same(host, mod
 
 
 def direct_io_works(folder) -> bool:
-    from lib_merge.io.direct_writer import DirectIOUnsupported, DirectSafetensorsWriter
+    from lib_merge.io.staged_writer import DirectIOUnsupported, StagedSafetensorsWriter
 
     try:
-        DirectSafetensorsWriter(folder / "probe.safetensors", [], None).abort()
+        StagedSafetensorsWriter(folder / "probe.safetensors", [], None).abort()
         return True
     except DirectIOUnsupported:
         return False
 
 
-@pytest.mark.parametrize("fits", [True, False])
-def test_the_output_goes_past_the_page_cache_only_when_the_inputs_fit_in_memory(host, models, monkeypatch, fits):
+def test_inputs_and_output_go_past_the_page_cache_by_whether_they_fit_in_memory(host, models, monkeypatch):
     """Stand-in for inputs larger than the memory available (these are small): ``memory_holds`` is
-    told what the inputs and the output weigh and answers ``fits``."""
+    told what the inputs and the output weigh, and answers. Where they fit, the output is written
+    past the page cache; where not, the inputs are read past it (every tensor here counts as big)
+    and the output is written through it from the same buffers. The same bytes either way."""
     from lib_merge import engine
-    from lib_merge.io import direct_writer, mapped_writer
+    from lib_merge.io import direct_reads, readers, staged_writer
 
     if not direct_io_works(models):
         pytest.skip("this filesystem cannot write past the page cache")
-    asked, placed = [], collections.Counter()
-    monkeypatch.setattr(engine, "memory_holds", lambda nbytes: asked.append(nbytes) or fits)
-    for writer in (direct_writer.DirectSafetensorsWriter, mapped_writer.MappedSafetensorsWriter):
-        monkeypatch.setattr(
-            writer,
-            "slot",
-            lambda w, key, slot=writer.slot, name=writer.__name__: placed.update([name]) or slot(w, key),
-        )
-    result = merge(MergeRequest("a.safetensors", "b.safetensors", custom_name="out"), host)
+    monkeypatch.setattr(readers, "SMALL_BYTES", 1)
+    asked, writers, taken = [], [], collections.Counter()
+    make_writer = staged_writer.StagedSafetensorsWriter.__init__
+    take = direct_reads.DirectReads.take
+    monkeypatch.setattr(
+        staged_writer.StagedSafetensorsWriter,
+        "__init__",
+        lambda w, *a, **k: writers.append(k.get("past_cache", True)) or make_writer(w, *a, **k),
+    )
+    monkeypatch.setattr(direct_reads.DirectReads, "take", lambda r, *a: taken.update([r.path.name]) or take(r, *a))
+    outputs = []
+    for fits in (True, False):
+        monkeypatch.setattr(engine, "memory_holds", lambda nbytes, fits=fits: asked.append(nbytes) or fits)
+        request = MergeRequest("a.safetensors", "b.safetensors", custom_name="out", multiplier=0.3, overwrite=True)
+        result = merge(request, host)
+        outputs.append((result.sha256, result.path.read_bytes()))
+        if fits:
+            assert writers == [True] and not taken
     inputs = sum((models / name).stat().st_size for name in ("a.safetensors", "b.safetensors"))
-    assert asked == [inputs + result.path.stat().st_size]
-    assert list(placed) == ["DirectSafetensorsWriter" if fits else "MappedSafetensorsWriter"]
+    assert asked == [inputs + len(outputs[0][1])] * 2
+    assert writers == [True, False]
+    # Every key starts from A; B's keys are the merged ones (see SKIP_ON_MERGE).
+    assert taken["a.safetensors"] == len(SD15) and 0 < taken["b.safetensors"] < len(SD15)
+    assert outputs[0] == outputs[1]

@@ -1,7 +1,7 @@
 """A safetensors writer whose tensors are computed straight into the output file's pages.
 
-Used where the output is not written past the page cache (``direct_writer.py``): the inputs and the
-output do not fit in memory together, or the OS or the filesystem has no O_DIRECT.
+Used where the inputs and the output fit in memory together but the OS or the filesystem has no
+O_DIRECT (past that, ``staged_writer.py`` writes through the page cache from its buffers).
 
 The temp file is preallocated at its final size (``fallocate``: the disk space is reserved before
 any merging, so a disk that fills up later cannot break the merge) and mapped shared; the engine

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, UnsafePickleError
+from .direct_reads import SMALL_BYTES, DirectReads, open_direct
 
 DTYPES = {
     "F64": torch.float64,
@@ -115,6 +116,12 @@ class CheckpointReader:
     def prefetch(self, key: str) -> None:
         """Hint that ``key`` is read next (a no-op where the format cannot tell the kernel)."""
 
+    def read_past_cache(self) -> bool:
+        """Read big tensors past the page cache from now on (``direct_reads.py``), where this
+        reader's file and filesystem allow; whether they will be."""
+        inner = getattr(self, "_inner", None)  # a reader presenting another's tensors
+        return inner.read_past_cache() if inner is not None else False
+
     @property
     def nbytes(self) -> int:
         return sum(spec.nbytes for spec in self._specs.values())
@@ -138,6 +145,7 @@ class SafetensorsReader(CheckpointReader):
             size = os.fstat(file.fileno()).st_size
             header, data_start = _read_header(path, file, size)
             self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        self._direct: DirectReads | None = None
         self._data_start = data_start
         self._offsets: dict[str, tuple[int, int]] = {}
         specs = {}
@@ -160,23 +168,36 @@ class SafetensorsReader(CheckpointReader):
         if spec.numel == 0:
             return torch.empty(spec.shape, dtype=spec.dtype)
         offset = self._data_start + begin
+        if self._direct is not None and end - begin >= SMALL_BYTES:
+            return self._direct.take(offset, end - begin, spec.dtype, spec.shape)
         if offset % spec.dtype.itemsize:  # unaligned: copy rather than hand out a misaligned view
             data = bytearray(self._map[offset : self._data_start + end])
             return torch.frombuffer(data, dtype=spec.dtype).reshape(spec.shape)
         return torch.frombuffer(self._map, dtype=spec.dtype, count=spec.numel, offset=offset).reshape(spec.shape)
 
     def prefetch(self, key: str) -> None:
+        begin, end = self._offsets[self._stored_name[key]]
+        if self._direct is not None and end - begin >= SMALL_BYTES:
+            return self._direct.request(self._data_start + begin, end - begin)
         if self._map is None or not hasattr(mmap, "MADV_WILLNEED"):
             return
-        begin, end = self._offsets[self._stored_name[key]]
         start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
         length = self._data_start + end - start
         if length > 0:
             self._map.madvise(mmap.MADV_WILLNEED, start, length)
 
+    def read_past_cache(self) -> bool:
+        if self._direct is None and self._map is not None:
+            fd = open_direct(self.path)
+            self._direct = DirectReads(self.path, fd) if fd is not None else None
+        return self._direct is not None
+
     def close(self) -> None:
         # The map stays alive while tensors handed out still view it; it closes when they are gone.
         self._map = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
 
 
 class PickleReader(CheckpointReader):

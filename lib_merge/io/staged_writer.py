@@ -1,25 +1,29 @@
-"""A safetensors writer that writes past the page cache (``O_DIRECT``), from a few reused buffers.
+"""A safetensors writer that computes into a few reused staging buffers and writes them from threads.
 
-Written through the page cache, every 4 KiB of output is a new kernel page, zeroed or copied into,
+Written through a mapped file, every 4 KiB of output is a new kernel page, zeroed or copied into,
 then written back: for an SDXL LoRA bake on 2 cores that was about 11 of its 58 CPU-seconds, on
 the cores the arithmetic needs. Here the engine computes each tensor into a staging buffer
 (``slot``) when it fits, else hands it over to be copied there; each full buffer is hashed by one
-thread and written straight to the disk by another, then comes back to be filled again. Memory
-holds ``BUFFERS`` buffers of ``BUFFER_BYTES``; the output is not left in the page cache (loading it
-afterwards reads it from the disk).
+thread and written by another, then comes back to be filled again. Memory holds ``BUFFERS``
+buffers of ``BUFFER_BYTES``. The file is preallocated as the mapped writer's is (the disk space is
+reserved before merging). Commit and cleanup are ``TempFile``'s: nothing half-written is ever
+visible under the output's name.
 
-The file is preallocated as the mapped writer's is (the disk space is reserved before merging).
-Where the OS or the filesystem cannot write ``O_DIRECT`` (macOS, Windows, some tmpfs),
-``DirectIOUnsupported`` is raised before anything is merged, and the caller maps the output instead.
+Two ways to write, chosen by the engine:
 
-The engine uses it only where the inputs and the output fit in the memory available together
-(``memory_holds``; with a margin: the output is not cached, the inputs are). Past that,
-the inputs are read from the disk while the output is written, and the kernel, which holds back
-its own writeback while reads wait, does not hold back ``O_DIRECT`` writes: measured here (2 CPUs,
-24 GB), a cold Flux-size weighted sum took 78-84 s with this writer against 63-68 s through the page
-cache, and reading 6 GB while writing took 23 s against 13 s. A cold SDXL merge, whose inputs fit,
-took 19.6 s against 22.8 s mapped, and 15.7 CPU-seconds against 26.1.
-Commit and cleanup are ``TempFile``'s: nothing half-written is ever visible under the output's name.
+- ``past_cache=True`` (the inputs and the output fit in the memory available together,
+  ``memory_holds``): ``O_DIRECT``, so no kernel page is made for the output (loading it afterwards
+  reads it from the disk). A cold SDXL merge took 19.6 s against 22.8 s mapped, and 15.7
+  CPU-seconds against 26.1. Where the OS or the filesystem cannot write ``O_DIRECT`` (macOS,
+  Windows, some tmpfs), ``DirectIOUnsupported`` is raised before anything is merged, and the caller
+  maps the output instead.
+- ``past_cache=False`` (they do not fit: a Flux merge on 24 GB): through the page cache, each
+  buffer's writeback started as soon as it is written. There the inputs come from the disk while
+  the output is written, and the kernel holds back its own writeback while reads wait but not
+  ``O_DIRECT`` writes: a cold Flux-size weighted sum took 78-84 s written ``O_DIRECT`` against
+  63-68 s through the page cache, and reading 6 GB while writing took 23 s against 13 s. The
+  merging thread never dirties a page itself, so the kernel's pacing of writers stalls the writing
+  thread, not the arithmetic (mapped, it stalled the merge: 77-78 s against 71-72 s).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from .writer import (
     check_all_added,
     expected_spec,
     safetensors_header,
+    start_writeback,
     tensor_bytes,
     tensor_starts,
     write_failure,
@@ -74,7 +79,7 @@ class DirectIOUnsupported(Exception):
     """This OS or filesystem cannot write past the page cache: the caller maps the output instead."""
 
 
-class DirectSafetensorsWriter:
+class StagedSafetensorsWriter:
     """Same calls as ``MappedSafetensorsWriter``: ``slot(key)``, ``add``, ``finish``, ``abort``."""
 
     _DONE = object()
@@ -86,8 +91,10 @@ class DirectSafetensorsWriter:
         metadata: dict[str, str] | None,
         *,
         overwrite: bool = False,
+        past_cache: bool = True,
     ):
         header = safetensors_header(specs, metadata)
+        self._past_cache = past_cache
         self._specs = list(specs)
         self._starts, size = tensor_starts(self._specs, len(header))
         self._size = size
@@ -99,7 +106,8 @@ class DirectSafetensorsWriter:
         self._file = TempFile(Path(path), overwrite)
         try:
             preallocate(self._file, self._size)
-            _write_direct(self._file, self._buffers[0])
+            if past_cache:
+                _write_direct(self._file, self._buffers[0])
         except BaseException:
             self._file.discard()
             raise
@@ -200,15 +208,17 @@ class DirectSafetensorsWriter:
             q.put((index, start, hashed, written, done))
 
     def _write(self, index: int, start: int, hashed: int, written: int) -> None:
-        view = memoryview(self._buffers[index])[:written]
+        view, offset = memoryview(self._buffers[index])[:written], start
         try:
             while view:
-                count = os.pwrite(self._file.fd, view, start)
-                view, start = view[count:], start + count
+                count = os.pwrite(self._file.fd, view, offset)
+                view, offset = view[count:], offset + count
         except OSError as err:
             raise OutputError(write_failure(self._file.path, err)) from None
         finally:
             view.release()
+        if not self._past_cache:
+            start_writeback(self._file.fd, start, written)  # the disk starts now, not at the dirty limit
 
     def _hash(self, index: int, start: int, hashed: int, written: int) -> None:
         with memoryview(self._buffers[index]) as view:
