@@ -323,10 +323,11 @@ class _Compute:
         self._scratch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (float32, float64) per input
         self._bake_buffer = torch.empty(0, dtype=torch.uint8)  # grows to the largest key baked
         self._bake_pool: ThreadPoolExecutor | None = None
-        self._fp8_tables = Fp8Tables(self.round_into, self._call)
+        self._fp8_tables = Fp8Tables(self.round_into, self._call, helpers=self.threads.original - 1)
 
     def close(self) -> None:
         self.threads.restore()
+        self._fp8_tables.close()
         if self._bake_pool is not None:
             self._bake_pool.shutdown()
 

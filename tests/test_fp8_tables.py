@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 from conftest import assert_within_one_ulp, load, make
 
-from lib_merge import FolderHost, MergeRequest, fp8_tables, merge
+from lib_merge import FolderHost, MergeRequest, engine, fp8_tables, merge
 from lib_merge.fp8_tables import Fp8Tables
 from lib_merge.recipe import MergeNode, ModelRef
 
@@ -89,9 +89,14 @@ def test_add_difference_by_table_writes_the_float64_paths_bytes_for_every_triple
     tmp_path, monkeypatch, table_use, dtype, form
 ):
     """16.7 M elements: every (A, B, C) byte triple once, through the table in two parts (B and C
-    act only through B - C) and, with the classes capped, through the flat table."""
+    act only through B - C) and, with the classes capped, through the flat table; looked up by
+    three threads (whatever this machine's cores), each a span of the tensor."""
     if form == "flat":
         monkeypatch.setattr(fp8_tables, "MAX_CLASSES", 0)
+    spans = []
+    look_up = Fp8Tables._look_up
+    monkeypatch.setattr(engine, "Fp8Tables", lambda *args, helpers: Fp8Tables(*args, helpers=2))
+    monkeypatch.setattr(Fp8Tables, "_look_up", lambda self, *args: spans.append(args[3]) or look_up(self, *args))
     splits, split = [], fp8_tables._TwoPartTable.split.__func__
 
     def recording(cls, flat):
@@ -106,6 +111,7 @@ def test_add_difference_by_table_writes_the_float64_paths_bytes_for_every_triple
     )  # fmt: skip
     with_tables, without = merged_both_ways(host, request, monkeypatch)
     assert table_use == [KEY]
+    assert sorted(spans) == [(0, 5_505_024), (5_505_024, 11_010_048), (11_010_048, 256**3)]
     assert_same_bytes(with_tables, without)
     [two_parts] = splits
     if form == "flat":
