@@ -237,15 +237,20 @@ def direct_reader(path, monkeypatch):
     return reader
 
 
-def test_tensors_read_past_the_page_cache_are_the_stored_ones_asked_ahead_or_not(tmp_path, monkeypatch):
-    path = make(tmp_path / "m.safetensors", specs=DIRECT_SPECS, seed=3)
+@pytest.mark.parametrize("misaligned", [False, True])
+def test_tensors_read_past_the_page_cache_are_the_stored_ones_asked_ahead_or_not(tmp_path, monkeypatch, misaligned):
+    """With an odd-sized tensor first, every float32 after it starts misaligned for its dtype."""
+    specs = {"odd": TensorSpec(torch.float16, (3,)), **DIRECT_SPECS} if misaligned else DIRECT_SPECS
+    path = make(tmp_path / "m.safetensors", specs=specs, seed=3)
     stored = safetensors.torch.load_file(str(path))
     with direct_reader(path, monkeypatch) as reader:
-        keys = list(DIRECT_SPECS)
+        keys = list(specs)
         for key in keys[::2]:
             reader.prefetch(key)  # asked ahead: read by the reader's thread
         for key in keys:
-            assert torch.equal(reader[key], stored[key]), key
+            tensor = reader[key]
+            assert torch.equal(tensor, stored[key]), key
+            assert tensor.data_ptr() % tensor.element_size() == 0, key  # as the memory map's: copied if not
         assert torch.equal(reader[keys[0]], stored[keys[0]])  # taken twice: read again
 
 

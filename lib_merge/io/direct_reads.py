@@ -93,6 +93,8 @@ class DirectReads:
             if read.error is not None:
                 raise read.error
             data = read.data
+        if (offset % ALIGN) % dtype.itemsize:  # a misaligned tensor: copied, as the memory map's are
+            data = data.clone()
         return data.view(dtype).reshape(shape)
 
     def close(self) -> None:
