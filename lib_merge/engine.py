@@ -3,11 +3,12 @@
 Read, compute and write overlap: the next keys' inputs (``PREFETCH_BYTES`` ahead) are asked for
 while this key is computed on the main thread (a LoRA bake's rows on several: ``_Compute._bake``),
 straight into its place in the writer's staging buffer, which threads hash and write
-(``io/staged_writer.py``). Where the inputs and the output fit in the memory available, the inputs
-come through the page cache (the kernel reads them ahead) and the output is written past it, or
-into a mapped file (``io/mapped_writer.py``) where the OS cannot; where they do not fit (Flux on
-24 GB), the inputs are read past the page cache by a thread each (``io/direct_reads.py``) and the
-output written through it. Without fallocate: into reused buffers, written by a thread.
+(``io/staged_writer.py``). Where the inputs and the output fit in the memory available, an input
+the page cache holds already (loaded by the host, merged just before) is read through it, any
+other past it by a thread of its own (``io/direct_reads.py``), and the output is written past it,
+or into a mapped file (``io/mapped_writer.py``) where the OS cannot; where they do not fit (Flux on
+24 GB), every input is read past the page cache and the output written through it. Without
+fallocate: into reused buffers, written by a thread.
 Arithmetic is in float64 on the CPU and CUDA (float32 on MPS, which has no float64), and the
 result is rounded once to the output dtype (``precision.rounding``: with a chosen precision to
 nearest, ties to even, fp8 saturating; else torch's conversion, as before), so every value is
@@ -94,8 +95,10 @@ def run(
     compute = _Compute(plan, usable_device(device))  # a bad device is refused before a temp file exists
     inputs = sum(_file_size(source.checkpoint.path) for source in plan.sources.values())
     fits = memory_holds(inputs + plan.output_bytes)
-    if not fits:
-        for source in plan.sources.values():
+    for source in plan.sources.values():
+        # Making an input's pages costs more CPU than finding them later saves (io/direct_reads.py):
+        # only an input the page cache holds already is read through it, and only where all fit.
+        if not fits or not source.reader.in_page_cache():
             source.reader.read_past_cache()
     return _loop(plan, compute, _open_writer(plan, fits), progress, should_stop)
 

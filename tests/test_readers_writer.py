@@ -283,6 +283,46 @@ def test_without_o_direct_the_reader_stays_on_its_memory_map(tmp_path, monkeypat
         assert torch.equal(reader["block.1.weight"], safetensors.torch.load_file(str(path))["block.1.weight"])
 
 
+def evicted(path):
+    """``path``'s pages dropped from the page cache (written back first), as after a reboot."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return path
+
+
+def test_a_reader_tells_whether_the_page_cache_holds_its_file(tmp_path):
+    """The real page cache: a file just written is in it, evicted it is not, read again it is."""
+    path = make(tmp_path / "m.safetensors", specs=DIRECT_SPECS, seed=7)
+    with open_checkpoint(path) as reader:
+        assert reader.in_page_cache() is True
+    with open_checkpoint(evicted(path)) as reader:
+        if reader.in_page_cache():
+            pytest.skip("this filesystem keeps evicted pages, or cannot tell (reads that may not wait)")
+        path.read_bytes()
+        assert reader.in_page_cache() is True
+
+
+def test_where_reads_cannot_refuse_to_wait_a_file_counts_as_in_the_page_cache(tmp_path, monkeypatch):
+    """Stand-in for an OS without ``RWF_NOWAIT`` (and one whose filesystem refuses it): the reader
+    keeps to the page cache, as before."""
+    path = evicted(make(tmp_path / "m.safetensors", specs=DIRECT_SPECS, seed=8))
+    monkeypatch.delattr(os, "RWF_NOWAIT", raising=False)
+    with open_checkpoint(path) as reader:
+        assert reader.in_page_cache() is True
+
+    def unsupported(*args):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "RWF_NOWAIT", 8, raising=False)
+    monkeypatch.setattr(os, "preadv", unsupported)
+    with open_checkpoint(path) as reader:
+        assert reader.in_page_cache() is True
+
+
 def test_a_failed_read_past_the_page_cache_names_the_file(tmp_path, monkeypatch):
     """Stand-in for a disk error: preadv fails with EIO once the reader is set up."""
     path = make(tmp_path / "m.safetensors", specs=DIRECT_SPECS, seed=6)

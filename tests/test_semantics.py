@@ -245,3 +245,43 @@ def test_inputs_and_output_go_past_the_page_cache_by_whether_they_fit_in_memory(
     # Every key starts from A; B's keys are the merged ones (see SKIP_ON_MERGE).
     assert taken["a.safetensors"] == len(SD15) and 0 < taken["b.safetensors"] < len(SD15)
     assert outputs[0] == outputs[1]
+
+
+def test_an_input_the_page_cache_does_not_hold_is_read_past_it_even_where_all_fit(host, models, monkeypatch):
+    """The real page cache: A is evicted from it (as after a reboot), B is not. Where the inputs and
+    the output fit in memory, A's tensors are read past the page cache and B's through it, the
+    output is written past it, and the bytes are those of the merge with both inputs in memory.
+    A is evicted once the merge has read its header: these files are so small that reading the
+    header brings the tensors in by the kernel's readahead."""
+    from test_readers_writer import evicted
+
+    from lib_merge.io import direct_reads, readers
+
+    if not direct_io_works(models):
+        pytest.skip("this filesystem cannot write past the page cache")
+    monkeypatch.setattr(readers, "SMALL_BYTES", 1)
+    taken, cold, told = collections.Counter(), set(), {}
+    take = direct_reads.DirectReads.take
+    monkeypatch.setattr(direct_reads.DirectReads, "take", lambda r, *a: taken.update([r.path.name]) or take(r, *a))
+    in_page_cache = readers.SafetensorsReader.in_page_cache
+
+    def evicted_first(reader):
+        if reader.path.name in cold:
+            evicted(reader.path)
+        told[reader.path.name] = in_page_cache(reader)
+        return told[reader.path.name]
+
+    monkeypatch.setattr(readers.SafetensorsReader, "in_page_cache", evicted_first)
+    outputs = []
+    for evict in ((), ("a.safetensors",)):
+        cold.update(evict)
+        request = MergeRequest("a.safetensors", "b.safetensors", custom_name="out", multiplier=0.3, overwrite=True)
+        result = merge(request, host)  # the inputs' hashes are cached by the first merge: not read again
+        outputs.append((result.sha256, result.path.read_bytes()))
+        if not evict:
+            assert told == {"a.safetensors": True, "b.safetensors": True} and not taken
+    if told["a.safetensors"]:
+        pytest.skip("this filesystem keeps evicted pages, or cannot tell")
+    assert told["b.safetensors"] is True
+    assert taken == {"a.safetensors": len(SD15)}
+    assert outputs[0] == outputs[1]

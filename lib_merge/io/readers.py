@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, UnsafePickleError
-from .direct_reads import SMALL_BYTES, DirectReads, open_direct
+from .direct_reads import SMALL_BYTES, DirectReads, in_page_cache, open_direct
 
 DTYPES = {
     "F64": torch.float64,
@@ -122,6 +122,11 @@ class CheckpointReader:
         inner = getattr(self, "_inner", None)  # a reader presenting another's tensors
         return inner.read_past_cache() if inner is not None else False
 
+    def in_page_cache(self) -> bool:
+        """Whether the page cache holds this file's tensors already (True where it cannot be told)."""
+        inner = getattr(self, "_inner", None)
+        return inner.in_page_cache() if inner is not None else True
+
     @property
     def nbytes(self) -> int:
         return sum(spec.nbytes for spec in self._specs.values())
@@ -185,6 +190,9 @@ class SafetensorsReader(CheckpointReader):
         length = self._data_start + end - start
         if length > 0:
             self._map.madvise(mmap.MADV_WILLNEED, start, length)
+
+    def in_page_cache(self) -> bool:
+        return self._map is None or in_page_cache(self.path, self._data_start, len(self._map))
 
     def read_past_cache(self) -> bool:
         if self._direct is None and self._map is not None:
