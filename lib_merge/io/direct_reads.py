@@ -22,6 +22,7 @@ import errno
 import mmap
 import os
 import queue
+import random
 import sys
 import threading
 from pathlib import Path
@@ -62,9 +63,11 @@ def open_direct(path: Path) -> int | None:
 
 
 def in_page_cache(path: Path, start: int, stop: int) -> bool:
-    """Whether the page cache holds most of bytes ``[start, stop)`` of the file: ``PROBES`` pages
-    sampled evenly, each read with ``RWF_NOWAIT`` (refused where the page would come from the
-    disk). True where this OS or filesystem cannot tell: the caller keeps to the page cache."""
+    """Whether the page cache holds most of bytes ``[start, stop)`` of the file: ``PROBES`` bytes,
+    one at random in each ``PROBES``-th of the range, each read with ``RWF_NOWAIT`` (refused where
+    its page would come from the disk). A refused read still brings its page in, so the same
+    pages probed again would count as held: hence at random. True where this OS or filesystem
+    cannot tell: the caller keeps to the page cache."""
     nowait = getattr(os, "RWF_NOWAIT", None)
     if nowait is None or stop <= start:
         return True
@@ -75,8 +78,9 @@ def in_page_cache(path: Path, start: int, stop: int) -> bool:
     probe, held = bytearray(1), 0
     try:
         for number in range(PROBES):
+            low, high = (start + (stop - start) * part // PROBES for part in (number, number + 1))
             try:
-                os.preadv(fd, [probe], start + (stop - start) * number // PROBES, nowait)
+                os.preadv(fd, [probe], random.randrange(low, max(high, low + 1)), nowait)
                 held += 1
             except BlockingIOError:
                 pass
