@@ -295,13 +295,17 @@ def evicted(path):
 
 
 def test_a_reader_tells_whether_the_page_cache_holds_its_file(tmp_path):
-    """The real page cache: a file just written is in it, evicted it is not, read again it is."""
-    path = make(tmp_path / "m.safetensors", specs=DIRECT_SPECS, seed=7)
+    """The real page cache: a file just written is in it; evicted it is not, however often asked
+    (each probe brings its page in); read again it is. 48 MB, past the kernel's readahead of the
+    header."""
+    specs = {f"block.{index}.weight": TensorSpec(torch.float32, (1024, 1024)) for index in range(12)}
+    path = make(tmp_path / "m.safetensors", specs=specs, seed=7)
     with open_checkpoint(path) as reader:
         assert reader.in_page_cache() is True
     with open_checkpoint(evicted(path)) as reader:
         if reader.in_page_cache():
             pytest.skip("this filesystem keeps evicted pages, or cannot tell (reads that may not wait)")
+        assert not any(reader.in_page_cache() for _ in range(5))
         path.read_bytes()
         assert reader.in_page_cache() is True
 
@@ -321,6 +325,49 @@ def test_where_reads_cannot_refuse_to_wait_a_file_counts_as_in_the_page_cache(tm
     monkeypatch.setattr(os, "preadv", unsupported)
     with open_checkpoint(path) as reader:
         assert reader.in_page_cache() is True
+
+
+def test_a_file_hashed_from_the_disk_is_read_past_the_page_cache(tmp_path):
+    """The real page cache: a file it does not hold is hashed right (two whole blocks and a tail
+    not a whole page) and left out of it, so the merge after the hash reads it past it too; a file
+    it holds is hashed through it, to the same digest."""
+    from lib_merge.hosts import hash_file
+    from lib_merge.io.direct_reads import in_page_cache
+    from lib_merge.io.sequential_reads import BLOCK
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(os.urandom(2 * BLOCK + 12345))
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    size = path.stat().st_size
+    assert hash_file(path) == expected  # from the page cache
+    if in_page_cache(evicted(path), 0, size):
+        pytest.skip("this filesystem keeps evicted pages, or cannot tell")
+    assert hash_file(path) == expected
+    assert not in_page_cache(path, 0, size)
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    assert hash_file(evicted(empty)) == hashlib.sha256(b"").hexdigest()
+
+
+def test_blocks_left_unread_and_a_failed_read_past_the_page_cache(tmp_path, monkeypatch):
+    """A reader that stops early frees the buffers; stand-in for a disk error: preadv fails with
+    EIO, and the message names the file."""
+    from lib_merge.io.sequential_reads import BLOCK, file_blocks
+
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(os.urandom(3 * BLOCK))
+    blocks = file_blocks(evicted(path))
+    assert bytes(next(blocks)) == path.read_bytes()[:BLOCK]
+    blocks.close()
+
+    def broken(*args):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "preadv", broken)
+    monkeypatch.setattr("lib_merge.io.sequential_reads.in_page_cache", lambda *args: False)
+    monkeypatch.setattr("lib_merge.io.sequential_reads.open_direct", lambda path: os.open(path, os.O_RDONLY))
+    with pytest.raises(InputError, match=r"model\.safetensors: cannot be read \(Input/output error\)"):
+        list(file_blocks(path))
 
 
 def test_a_failed_read_past_the_page_cache_names_the_file(tmp_path, monkeypatch):

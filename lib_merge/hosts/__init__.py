@@ -16,6 +16,8 @@ from typing import Protocol
 
 import torch
 
+from ..io.sequential_reads import file_blocks
+
 # What a models folder lists as checkpoints: Forge lists GGUF files too (read, never written).
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".gguf")
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -161,11 +163,10 @@ def devices_here(preferred: str) -> list[str]:
     return [preferred] + [device for device in found if device != preferred]
 
 
-def hash_file(path: Path, block: int = 1 << 22) -> str:
+def hash_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(block):
-            digest.update(chunk)
+    for block in file_blocks(path):
+        digest.update(block)
     return digest.hexdigest()
 
 
