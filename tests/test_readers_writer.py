@@ -310,19 +310,25 @@ def test_a_reader_tells_whether_the_page_cache_holds_its_file(tmp_path):
         assert reader.in_page_cache() is True
 
 
-def test_where_reads_cannot_refuse_to_wait_a_file_counts_as_in_the_page_cache(tmp_path, monkeypatch):
-    """Stand-in for an OS without ``RWF_NOWAIT`` (and one whose filesystem refuses it): the reader
-    keeps to the page cache, as before."""
+def test_where_the_os_cannot_tell_a_file_counts_as_in_the_page_cache(tmp_path, monkeypatch):
+    """Stand-ins for an OS without ``mincore`` (Windows) and one where it fails: the reader keeps
+    to the page cache, as before."""
+    from lib_merge.io import page_cache
+
     path = evicted(make(tmp_path / "m.safetensors", specs=DIRECT_SPECS, seed=8))
-    monkeypatch.delattr(os, "RWF_NOWAIT", raising=False)
+    libc = page_cache._libc()
+    monkeypatch.setattr(page_cache, "_libc", lambda: None)
     with open_checkpoint(path) as reader:
         assert reader.in_page_cache() is True
 
-    def unsupported(*args):
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+    class FailingMincore:
+        mmap, munmap = libc.mmap, libc.munmap
 
-    monkeypatch.setattr(os, "RWF_NOWAIT", 8, raising=False)
-    monkeypatch.setattr(os, "preadv", unsupported)
+        @staticmethod
+        def mincore(*args):
+            return -1
+
+    monkeypatch.setattr(page_cache, "_libc", FailingMincore)
     with open_checkpoint(path) as reader:
         assert reader.in_page_cache() is True
 
@@ -332,7 +338,7 @@ def test_a_file_hashed_from_the_disk_is_read_past_the_page_cache(tmp_path):
     not a whole page) and left out of it, so the merge after the hash reads it past it too; a file
     it holds is hashed through it, to the same digest."""
     from lib_merge.hosts import hash_file
-    from lib_merge.io.direct_reads import in_page_cache
+    from lib_merge.io.page_cache import in_page_cache
     from lib_merge.io.sequential_reads import BLOCK
 
     path = tmp_path / "model.safetensors"

@@ -1,7 +1,7 @@
 """Input tensors read past the page cache (``O_DIRECT``), a thread ahead of the merge, into reused buffers.
 
 Used by ``SafetensorsReader`` where the inputs and the output do not fit in memory together (a Flux
-merge on 24 GB), and for an input the page cache does not hold already (``in_page_cache``): through
+merge on 24 GB), and for an input the page cache does not hold already (``page_cache.py``): through
 the page cache, every input page is made, faulted in on the merging thread (and, past memory,
 reclaimed to make room for the next), and the disk is asked only as far as the readahead reaches.
 A cold SDXL LoRA bake on 2 cores took 20-21 s and 31-33 CPU-seconds this way against 25-28 s and
@@ -22,7 +22,6 @@ import errno
 import mmap
 import os
 import queue
-import random
 import sys
 import threading
 from pathlib import Path
@@ -34,7 +33,6 @@ from ..errors import InputError
 ALIGN = 4096  # O_DIRECT offsets, lengths and memory: a page, a multiple of every disk's sector
 GRAIN = 4 << 20  # buffer sizes are rounded up to this, so tensors of nearby sizes share buffers
 SMALL_BYTES = 1 << 20  # smaller tensors are read through the page cache
-PROBES = 64  # pages sampled to tell whether the page cache holds a file
 AHEAD_BYTES = 512 << 20  # reads asked for and not taken yet, at most (more requests are dropped)
 POOL_BYTES = 1 << 30  # past this, free buffers are unmapped before a new one is made
 O_DIRECT = getattr(os, "O_DIRECT", None)  # Linux, FreeBSD
@@ -60,35 +58,6 @@ def open_direct(path: Path) -> int | None:
     finally:
         probe.close()
     return fd
-
-
-def in_page_cache(path: Path, start: int, stop: int) -> bool:
-    """Whether the page cache holds most of bytes ``[start, stop)`` of the file: ``PROBES`` bytes,
-    one at random in each ``PROBES``-th of the range, each read with ``RWF_NOWAIT`` (refused where
-    its page would come from the disk). A refused read still brings its page in, so the same
-    pages probed again would count as held: hence at random. True where this OS or filesystem
-    cannot tell: the caller keeps to the page cache."""
-    nowait = getattr(os, "RWF_NOWAIT", None)
-    if nowait is None or stop <= start:
-        return True
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return True
-    probe, held = bytearray(1), 0
-    try:
-        for number in range(PROBES):
-            low, high = (start + (stop - start) * part // PROBES for part in (number, number + 1))
-            try:
-                os.preadv(fd, [probe], random.randrange(low, max(high, low + 1)), nowait)
-                held += 1
-            except BlockingIOError:
-                pass
-    except OSError:  # reads that may not wait are not supported here
-        return True
-    finally:
-        os.close(fd)
-    return held * 2 >= PROBES
 
 
 class DirectReads:

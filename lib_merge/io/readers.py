@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, UnsafePickleError
-from .direct_reads import SMALL_BYTES, DirectReads, in_page_cache, open_direct
+from .direct_reads import SMALL_BYTES, DirectReads, open_direct
+from .page_cache import in_page_cache
 
 DTYPES = {
     "F64": torch.float64,

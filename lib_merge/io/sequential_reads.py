@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import InputError
-from .direct_reads import ALIGN, in_page_cache, open_direct
+from .direct_reads import ALIGN, open_direct
+from .page_cache import in_page_cache
 
-BLOCK = 256 * ALIGN * 8  # 8 MiB: O_DIRECT reads whole pages
+BLOCK = 2048 * ALIGN  # 8 MiB, in whole pages as O_DIRECT reads them
 
 
 def file_blocks(path: Path) -> Iterator[memoryview]:
