@@ -717,10 +717,12 @@ def child(name: str, job_json: str) -> None:
     job = json.loads(job_json)
     if not job["fsync"]:
         # Nothing is forced to disk: no fsync, and no early writeback (it only exists for the fsync).
-        from .io import writer
+        from .io import staged_writer, writer
 
         os.fsync = lambda fd: None
-        writer.start_writeback = lambda fd, offset, length: None
+        for module in (writer, staged_writer):
+            module.start_writeback = lambda fd, offset, length: None
+        staged_writer.write_out_and_drop = lambda fd, offset, length: None
     output = Path(job["work"]) / f"bench_{name}.safetensors"
     output.unlink(missing_ok=True)
     sampler = _AnonSampler()

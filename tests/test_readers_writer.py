@@ -1,5 +1,6 @@
 """Readers and writers against the safetensors library and torch, on real files."""
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -116,6 +117,56 @@ def test_a_failed_direct_write_names_the_file_and_leaves_nothing(tmp_path, monke
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", failing)
+    with pytest.raises(OutputError, match=r"x\.safetensors: write failed \(Input/output error\); nothing was saved"):
+        for key, _ in specs:
+            writer.add(key, torch.ones(1024))
+        writer.finish()
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_through_the_page_cache_the_staged_writer_drops_what_is_on_the_disk(tmp_path, monkeypatch):
+    """The real page cache: written where the output cannot stay in memory (a Flux merge on 24 GB),
+    the bytes are the streaming writer's, and all but the last ``IN_FLIGHT`` buffers are out of the
+    page cache once on the disk, so the kernel never has to reclaim them (1 MB in 16 KiB buffers)."""
+    from lib_merge.io.page_cache import in_page_cache
+
+    monkeypatch.setattr(staged_writer, "BUFFER_BYTES", 4 * ALIGN)
+    monkeypatch.setattr(staged_writer, "IN_FLIGHT", 2)
+    tensors = {f"t{index}": torch.randn(4096) for index in range(16)}  # 16 KiB each: a buffer apiece
+    specs = [(k, TensorSpec(v.dtype, tuple(v.shape))) for k, v in tensors.items()]
+    streamed = SafetensorsWriter(tmp_path / "streamed.safetensors", specs, None)
+    through = StagedSafetensorsWriter(tmp_path / "through.safetensors", specs, None, past_cache=False)
+    add_to_both(tensors, streamed, through)
+    assert through.finish() == streamed.finish()
+    path = tmp_path / "through.safetensors"
+    dropped = not in_page_cache(path, 0, path.stat().st_size - 3 * 4 * ALIGN)  # before reading it
+    assert path.read_bytes() == (tmp_path / "streamed.safetensors").read_bytes()
+    if in_page_cache(evicted(tmp_path / "streamed.safetensors"), 0, path.stat().st_size):
+        pytest.skip("this filesystem keeps evicted pages, or the OS cannot tell")
+    assert dropped
+
+
+def test_a_failed_write_to_the_disk_through_the_page_cache_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    """Stand-in for a disk that fails as written pages go to it (an I/O error seen while waiting for
+    them): the wait takes the error, so the writer must report it, not a later fsync."""
+    from lib_merge.io import writer as writer_module
+
+    if writer_module._SYNC_FILE_RANGE is None:
+        pytest.skip("no sync_file_range here: the output's pages are left to the kernel")
+    monkeypatch.setattr(staged_writer, "BUFFER_BYTES", 2 * ALIGN)
+    monkeypatch.setattr(staged_writer, "IN_FLIGHT", 1)
+    real = writer_module._SYNC_FILE_RANGE
+
+    def failing(fd, offset, length, flags):
+        if flags & writer_module.SYNC_FILE_RANGE_WAIT_AFTER:
+            ctypes.set_errno(errno.EIO)
+            return -1
+        return real(fd, offset, length, flags)
+
+    monkeypatch.setattr(writer_module, "_SYNC_FILE_RANGE", failing)
+    specs = [(f"t{i}", TensorSpec(torch.float32, (1024,))) for i in range(8)]
+    writer = StagedSafetensorsWriter(tmp_path / "x.safetensors", specs, None, past_cache=False)
     with pytest.raises(OutputError, match=r"x\.safetensors: write failed \(Input/output error\); nothing was saved"):
         for key, _ in specs:
             writer.add(key, torch.ones(1024))

@@ -457,10 +457,22 @@ def libc_function(name: str, *argtypes):
 
 
 _SYNC_FILE_RANGE = libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-SYNC_FILE_RANGE_WRITE = 2
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
 
 
 def start_writeback(fd: int, offset: int, length: int) -> None:
     """Start writing a range to disk without waiting for it and without evicting it from the cache."""
     if _SYNC_FILE_RANGE is not None:
         _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
+
+
+def write_out_and_drop(fd: int, offset: int, length: int) -> None:
+    """Wait until a range is on the disk, then drop its pages from the page cache (an ``OSError``
+    if writing it failed: the wait takes the error, so a later fsync would not see it)."""
+    if _SYNC_FILE_RANGE is None or not hasattr(os, "posix_fadvise"):
+        return
+    flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+    if _SYNC_FILE_RANGE(fd, offset, length, flags) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
