@@ -468,11 +468,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 def write_out_and_drop(fd: int, offset: int, length: int) -> None:
     """Wait until a range is on the disk, then drop its pages from the page cache (an ``OSError``
-    if writing it failed: the wait takes the error, so a later fsync would not see it)."""
+    if writing it failed: the wait takes the error, so a later fsync would not see it). Where the
+    kernel cannot wait for a range (some sandboxes), the pages are left to it."""
     if _SYNC_FILE_RANGE is None or not hasattr(os, "posix_fadvise"):
         return
     flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
     if _SYNC_FILE_RANGE(fd, offset, length, flags) != 0:
         code = ctypes.get_errno()
+        if code in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP):
+            return
         raise OSError(code, os.strerror(code))
     os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
