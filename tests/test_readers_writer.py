@@ -103,6 +103,17 @@ def test_the_staged_writer_writes_the_same_bytes_as_the_streaming_one(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.safetensors", "streamed.safetensors"]
 
 
+def fails_naming_the_file_and_leaves_nothing(writer, specs, folder) -> None:
+    """Writing ``specs`` (float32, 1024 each) to x.safetensors fails with an I/O error that names
+    it, and once aborted nothing is left in ``folder``."""
+    with pytest.raises(OutputError, match=r"x\.safetensors: write failed \(Input/output error\); nothing was saved"):
+        for key, _ in specs:
+            writer.add(key, torch.ones(1024))
+        writer.finish()
+    writer.abort()
+    assert list(folder.iterdir()) == []
+
+
 def test_a_failed_direct_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
     """Stand-in for a disk that fails once its space is reserved (an I/O error): pwrite fails past
     the first buffer."""
@@ -117,12 +128,7 @@ def test_a_failed_direct_write_names_the_file_and_leaves_nothing(tmp_path, monke
         return real_pwrite(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", failing)
-    with pytest.raises(OutputError, match=r"x\.safetensors: write failed \(Input/output error\); nothing was saved"):
-        for key, _ in specs:
-            writer.add(key, torch.ones(1024))
-        writer.finish()
-    writer.abort()
-    assert list(tmp_path.iterdir()) == []
+    fails_naming_the_file_and_leaves_nothing(writer, specs, tmp_path)
 
 
 def test_through_the_page_cache_the_staged_writer_drops_what_is_on_the_disk(tmp_path, monkeypatch):
@@ -174,12 +180,7 @@ def test_a_failed_write_to_the_disk_through_the_page_cache_names_the_file_and_le
     waiting_fails_with(errno.EIO, monkeypatch)
     specs = [(f"t{i}", TensorSpec(torch.float32, (1024,))) for i in range(8)]
     writer = StagedSafetensorsWriter(tmp_path / "x.safetensors", specs, None, past_cache=False)
-    with pytest.raises(OutputError, match=r"x\.safetensors: write failed \(Input/output error\); nothing was saved"):
-        for key, _ in specs:
-            writer.add(key, torch.ones(1024))
-        writer.finish()
-    writer.abort()
-    assert list(tmp_path.iterdir()) == []
+    fails_naming_the_file_and_leaves_nothing(writer, specs, tmp_path)
 
 
 def test_where_the_kernel_cannot_wait_for_a_written_range_its_pages_are_left_to_it(tmp_path, monkeypatch):
